@@ -8,8 +8,8 @@ such hints. Gemma 3, which TransformerLens only configures by hub name, gets its
 built here from the checkpoint's own fields.
 """
 
+import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +37,13 @@ def _tl_config_from_folder(folder: Path, hf_config: Any) -> dict[str, Any]:
     """TransformerLens's own config conversion, run on a neutrally named copy of config.json."""
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("model_type") == "gpt2" and "n_ctx" not in raw:
+        raw["n_ctx"] = raw.get("n_positions", 1024)  # TL reads n_ctx; newer configs omit it
     with tempfile.TemporaryDirectory(prefix="xferlens-cfg-") as tmp:
         neutral = Path(tmp) / "model"
         neutral.mkdir()
-        os.symlink((folder / "config.json").resolve(), neutral / "config.json")
+        (neutral / "config.json").write_text(json.dumps(raw))
         cfg = convert_hf_model_config(str(neutral))
     return cfg
 

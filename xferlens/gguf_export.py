@@ -7,6 +7,7 @@ that: safetensors weights, ``config.json`` with ``architectures`` set, the token
 its chat template. Later loads read this folder and skip the slow GGUF step.
 """
 
+import importlib.metadata
 import logging
 import os
 import time
@@ -30,7 +31,6 @@ def gguf_to_hf(
     callers store as provenance.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gguf
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -77,7 +77,7 @@ def gguf_to_hf(
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "seconds": round(time.perf_counter() - t0, 1),
         "transformers": transformers.__version__,
-        "gguf": getattr(gguf, "__version__", "unknown"),
+        "gguf": importlib.metadata.version("gguf"),
         "torch": torch.__version__,
     }
 

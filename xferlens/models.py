@@ -44,6 +44,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
 from xferlens import convert, paths, zoo
+from xferlens.processing import Processing, process_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +65,6 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-@dataclass(frozen=True)
-class Processing:
-    """Which of TransformerLens's weight simplifications to apply (see module docs)."""
-
-    fold_ln: bool = True
-    center_writing_weights: bool = True
-    center_unembed: bool = True
-    fold_value_biases: bool = True
-
-    @classmethod
-    def none(cls) -> "Processing":
-        return cls(False, False, False, False)
 
 
 # ------------------------------------------------------------------ argument checking
@@ -279,19 +266,8 @@ def _build_model(cfg: dict[str, Any], dtype: torch.dtype, tokenizer) -> HookedTr
 
 
 def _process(sd: dict[str, torch.Tensor], model: HookedTransformer, processing: Processing) -> dict[str, torch.Tensor]:
-    from transformer_lens.weight_processing import ProcessWeights
-
     sd = model.fill_missing_keys(sd)
-    if processing == Processing.none():
-        return sd
-    return ProcessWeights.process_weights(
-        sd,
-        model.cfg,
-        fold_ln=processing.fold_ln,
-        center_writing_weights=processing.center_writing_weights,
-        center_unembed=processing.center_unembed,
-        fold_value_biases=processing.fold_value_biases,
-    )
+    return process_state_dict(sd, model.cfg, processing)
 
 
 def _assign(model: HookedTransformer, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -313,19 +289,56 @@ def _assign(model: HookedTransformer, sd: dict[str, torch.Tensor], dtype: torch.
     model.load_state_dict(sd, strict=False, assign=True)
 
 
+def _load_hf_weights(folder: Path, hf_config: Any) -> torch.nn.Module:
+    """The HF model with its weights read into ordinary (not file-mapped) float32 memory.
+
+    Built on the meta device and filled from the folder's safetensors files, so each
+    tensor the processing replaces is really freed (a memory-mapped checkpoint keeps every
+    touched page resident until the last view of it goes). Pickle checkpoints
+    (``*.bin``) are refused: loading them can run code.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from xferlens.safetensors_io import load_unmapped
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" (found {', '.join(pickles)}: pickle files, refused)" if pickles else ""
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no *.safetensors weights{hint}. Convert them with "
+            "transformers: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)"
+        )
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_unmapped(f))
+    for k, v in sd.items():
+        if v.is_floating_point() and v.dtype != torch.float32:
+            sd[k] = v.float()
+    result = hf_model.load_state_dict(sd, assign=True, strict=False)
+    del sd
+    hf_model.tie_weights()
+    still_meta = [n for n, p in hf_model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(
+            f"{str(folder)!r}: weights missing for {still_meta[:5]} "
+            f"(unexpected keys: {result.unexpected_keys[:5]})"
+        )
+    return hf_model.eval()
+
+
 def _convert(
     source: Source, processing: Processing, dtype: torch.dtype, n_ctx: int | None,
     default_prepend_bos: bool | None,
 ) -> tuple[HookedTransformer, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM
-
     hf_config = convert.read_hf_config(source.folder)
     arch = convert.arch_for(hf_config, source.folder)
     tokenizer = _tokenizer(source.folder)
     cfg = _cfg_dict(source, hf_config, arch, tokenizer, processing, n_ctx, default_prepend_bos)
     model = _build_model(cfg, torch.float32, tokenizer)
-    hf_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
-    hf_model.eval()
+    hf_model = _load_hf_weights(source.folder, hf_config)
     with torch.no_grad():
         sd = arch.weights(hf_model, model.cfg)
         del hf_model  # the converted dict holds the only references left
@@ -361,20 +374,12 @@ def _cache_key(source: Source, processing: Processing, dtype: torch.dtype, cfg_o
 
 
 def _save_converted(model: HookedTransformer, cfg: dict[str, Any], dest: Path, meta: dict, root: Path) -> None:
-    from safetensors.torch import save_file
+    from xferlens.safetensors_io import save_streaming
 
-    sd = {}
-    seen: set[int] = set()
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous()
-        if v.data_ptr() in seen:  # safetensors refuses shared storage
-            v = v.clone()
-        seen.add(v.data_ptr())
-        sd[k] = v.cpu()
     with paths.staging_dir(root, "tl-") as stage:
         out = stage / "out"
         out.mkdir()
-        save_file(sd, out / TL_WEIGHTS_FILE)
+        save_streaming(model.state_dict(), out / TL_WEIGHTS_FILE)
         (out / TL_META_FILE).write_text(json.dumps({**meta, "cfg": cfg}, indent=2, default=str))
         paths.publish_dir(out, dest)
 
@@ -382,10 +387,16 @@ def _save_converted(model: HookedTransformer, cfg: dict[str, Any], dest: Path, m
 def _load_converted(dest: Path, source: Source, dtype: torch.dtype, tokenizer) -> HookedTransformer:
     from safetensors.torch import load_file
 
-    meta = json.loads((dest / TL_META_FILE).read_text())
-    model = _build_model(meta["cfg"], dtype, tokenizer)
-    sd = load_file(dest / TL_WEIGHTS_FILE)
-    _assign(model, sd, dtype)
+    try:
+        meta = json.loads((dest / TL_META_FILE).read_text())
+        model = _build_model(meta["cfg"], dtype, tokenizer)
+        sd = load_file(dest / TL_WEIGHTS_FILE)
+        _assign(model, sd, dtype)
+    except Exception as e:
+        raise RuntimeError(
+            f"the cached conversion in {dest} is unreadable ({type(e).__name__}: {e}); "
+            "delete that folder (or pass cache=False) to convert again"
+        ) from e
     return model
 
 
