@@ -49,7 +49,9 @@ def make_wheel(folder: Path, package: str, version: str, members: dict[str, byte
     info = f"{dist}-{version}.dist-info"
     files = dict(members)
     files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: xferlens-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: xferlens-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]).encode()
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
@@ -65,7 +67,7 @@ def wheelhouse(tmp_path, tiny_gguf):
 
     data = tiny_gguf.read_bytes()
     third = len(data) // 3 + 1
-    pieces = [data[i * third:(i + 1) * third] for i in range(3)]
+    pieces = [data[i * third : (i + 1) * third] for i in range(3)]
     house = tmp_path / "wheelhouse"
     house.mkdir()
     chunks = []
@@ -112,8 +114,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-TINY = dict(vocab_size=263, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=263,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def tiny_hf_config(arch: str):
@@ -125,13 +134,25 @@ def tiny_hf_config(arch: str):
         return tr.Qwen2Config(**TINY, tie_word_embeddings=True, bos_token_id=261, eos_token_id=262)
     if arch == "gemma3":
         return tr.Gemma3TextConfig(
-            **TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+            **TINY,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=6,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            bos_token_id=261, eos_token_id=262, pad_token_id=262,
+            bos_token_id=261,
+            eos_token_id=262,
+            pad_token_id=262,
         )
     if arch == "gpt2":
-        return tr.GPT2Config(vocab_size=263, n_embd=64, n_layer=3, n_head=4, n_positions=256,
-                             bos_token_id=261, eos_token_id=262)
+        return tr.GPT2Config(
+            vocab_size=263,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=261,
+            eos_token_id=262,
+        )
     raise KeyError(arch)
 
 

@@ -49,9 +49,7 @@ def chat_prompts(
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": text})
         out.append(
-            tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         )
     return out
 
@@ -78,9 +76,12 @@ def generate_text(
     for text in texts:
         tokens = model.to_tokens(text)
         out = model.generate(
-            tokens, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            verbose=False,
             stop_at_eos=True,
         )
-        new = out[0, tokens.shape[1]:]
+        new = out[0, tokens.shape[1] :]
         replies.append(model.tokenizer.decode(new, skip_special_tokens=True))
     return replies

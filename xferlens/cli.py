@@ -60,7 +60,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"(loaded in {time.perf_counter() - t0:.1f}s)"
         )
         for prompt, reply in zip(
-            args.prompts, generate_text(model, args.prompts, max_new_tokens=args.max_new_tokens, chat=True),
+            args.prompts,
+            generate_text(model, args.prompts, max_new_tokens=args.max_new_tokens, chat=True),
             strict=True,
         ):
             print(f"  > {prompt}\n    {reply.strip()}")

@@ -78,8 +78,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     key = str(dtype).removeprefix("torch.").lower()
     if key not in _DTYPES:
         raise ValueError(
-            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64 "
-            "(or a torch.dtype)"
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64 (or a torch.dtype)"
         )
     return _DTYPES[key]
 
@@ -229,8 +228,13 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 
 def _cfg_dict(
-    source: Source, hf_config: Any, arch: convert.ArchSupport, tokenizer, processing: Processing,
-    n_ctx: int | None, default_prepend_bos: bool | None,
+    source: Source,
+    hf_config: Any,
+    arch: convert.ArchSupport,
+    tokenizer,
+    processing: Processing,
+    n_ctx: int | None,
+    default_prepend_bos: bool | None,
 ) -> dict[str, Any]:
     cfg = dict(arch.config(source.folder, hf_config))
     cfg["original_architecture"] = arch.hf_architecture
@@ -244,7 +248,9 @@ def _cfg_dict(
         logger.info(
             "%s: context capped at %d of %d positions (TransformerLens allocates an n_ctx^2 "
             "mask per layer); pass n_ctx=... for longer inputs",
-            source.name, cfg["n_ctx"], full_ctx,
+            source.name,
+            cfg["n_ctx"],
+            full_ctx,
         )
     if processing.fold_ln:
         norm = cfg.get("normalization_type")
@@ -265,7 +271,9 @@ def _build_model(cfg: dict[str, Any], dtype: torch.dtype, tokenizer) -> HookedTr
     return model
 
 
-def _process(sd: dict[str, torch.Tensor], model: HookedTransformer, processing: Processing) -> dict[str, torch.Tensor]:
+def _process(
+    sd: dict[str, torch.Tensor], model: HookedTransformer, processing: Processing
+) -> dict[str, torch.Tensor]:
     sd = model.fill_missing_keys(sd)
     return process_state_dict(sd, model.cfg, processing)
 
@@ -330,7 +338,10 @@ def _load_hf_weights(folder: Path, hf_config: Any) -> torch.nn.Module:
 
 
 def _convert(
-    source: Source, processing: Processing, dtype: torch.dtype, n_ctx: int | None,
+    source: Source,
+    processing: Processing,
+    dtype: torch.dtype,
+    n_ctx: int | None,
     default_prepend_bos: bool | None,
 ) -> tuple[HookedTransformer, dict[str, Any]]:
     hf_config = convert.read_hf_config(source.folder)
@@ -366,14 +377,18 @@ def _cache_key(source: Source, processing: Processing, dtype: torch.dtype, cfg_o
             "dtype": str(dtype),
             "overrides": cfg_overrides,
             "conversion": CONVERSION_VERSION,
-            "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "",
+            "transformer_lens": transformer_lens.__version__
+            if hasattr(transformer_lens, "__version__")
+            else "",
         },
         sort_keys=True,
     )
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-def _save_converted(model: HookedTransformer, cfg: dict[str, Any], dest: Path, meta: dict, root: Path) -> None:
+def _save_converted(
+    model: HookedTransformer, cfg: dict[str, Any], dest: Path, meta: dict, root: Path
+) -> None:
     from xferlens.safetensors_io import save_streaming
 
     with paths.staging_dir(root, "tl-") as stage:
@@ -443,7 +458,9 @@ def load_model(
     source = resolve_source(spec, home=home, pull=pull, progress=progress)
     if source is None:  # TransformerLens official name: its own hub path
         kwargs = processing.__dict__ if processing != Processing.none() else {}
-        loader = HookedTransformer.from_pretrained if kwargs else HookedTransformer.from_pretrained_no_processing
+        loader = (
+            HookedTransformer.from_pretrained if kwargs else HookedTransformer.from_pretrained_no_processing
+        )
         tl_kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         if default_prepend_bos is not None:
             tl_kwargs["default_prepend_bos"] = default_prepend_bos

@@ -48,7 +48,9 @@ class Processing:
 StateDict = dict[str, torch.Tensor]
 
 
-def _apply_to_slice(sd: StateDict, select: Callable[[str], bool], fn: Callable[[StateDict], StateDict]) -> None:
+def _apply_to_slice(
+    sd: StateDict, select: Callable[[str], bool], fn: Callable[[StateDict], StateDict]
+) -> None:
     """Run ``fn`` on the keys ``select`` picks and write its output back into ``sd``."""
     part = {k: sd.pop(k) for k in [k for k in sd if select(k)]}
     sd.update(fn(part))
@@ -80,7 +82,8 @@ def process_state_dict(sd: StateDict, cfg: Any, processing: Processing) -> State
         gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
         for layer in range(cfg.n_layers):
             _apply_to_slice(
-                sd, _block(layer),
+                sd,
+                _block(layer),
                 lambda part, layer=layer: PW._fold_layer(part, cfg, layer, layer_norm, layer_norm, None, gqa),
             )
 
@@ -101,6 +104,7 @@ def process_state_dict(sd: StateDict, cfg: Any, processing: Processing) -> State
 
     if processing.fold_value_biases:
         for layer in range(cfg.n_layers):
+
             def fold_vb(part: StateDict, layer: int = layer) -> StateDict:
                 part = PW.fold_value_biases(part, cfg)
                 key = f"blocks.{layer}.attn.b_O"

@@ -81,7 +81,9 @@ def load_unmapped(path: str | Path) -> dict[str, torch.Tensor]:
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def save_streaming(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_streaming(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a standard safetensors file tensor by tensor (no second copy of the whole set).
 
     ``safetensors.torch.save_file`` assembles the whole payload in memory first, which
@@ -92,20 +94,18 @@ def save_streaming(tensors: dict[str, torch.Tensor], path: str | Path, metadata:
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    items = []
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
             raise SafetensorsFormatError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
-        t = t.detach().cpu().contiguous()
         n = t.numel() * t.element_size()
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
-        items.append(t)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t in items:
-            if t.numel():
+        for t in tensors.values():
+            if t.numel():  # one contiguous copy at a time, only for non-contiguous views
+                t = t.detach().cpu().contiguous()
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B"))

@@ -11,7 +11,9 @@ from xferlens.types import Tokens
 
 
 @torch.no_grad()
-def logprob_gap(model: HookedTransformer, hf_model: torch.nn.Module, tokens: Tokens) -> Float[Tensor, " batch"]:
+def logprob_gap(
+    model: HookedTransformer, hf_model: torch.nn.Module, tokens: Tokens
+) -> Float[Tensor, " batch"]:
     """Largest absolute difference of next-token log-probabilities, per sequence.
 
     Log-probabilities (not logits) are compared because ``center_unembed`` shifts logits by

