@@ -175,3 +175,20 @@ def test_tampered_cached_conversion_is_refused(tiny_hf_folder, tmp_path):
     with pytest.raises(RuntimeError, match="delete that folder") as err:
         load_model(folder, device="cpu", progress=False)
     assert str(cached) in str(err.value)
+
+
+def test_transformer_lens_official_names_go_to_its_hub_loader(monkeypatch):
+    """For users with a hub: official names are handed to TransformerLens unchanged."""
+    from transformer_lens import HookedTransformer
+
+    calls = []
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", lambda name, **kw: calls.append(("proc", name, kw)))
+    monkeypatch.setattr(
+        HookedTransformer, "from_pretrained_no_processing", lambda name, **kw: calls.append(("raw", name, kw))
+    )
+    load_model("gpt2", device="cpu")
+    load_model("gpt2", device="cpu", process=False, dtype="bfloat16", n_ctx=512)
+    (kind1, name1, kw1), (kind2, name2, kw2) = calls
+    assert (kind1, name1, kind2, name2) == ("proc", "gpt2", "raw", "gpt2")
+    assert kw1["fold_ln"] and kw1["center_unembed"] and kw1["device"] == torch.device("cpu")
+    assert kw2["dtype"] == torch.bfloat16 and kw2["n_ctx"] == 512
