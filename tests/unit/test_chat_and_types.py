@@ -9,8 +9,10 @@ from xferlens.verify import logprob_gap
 
 
 @pytest.fixture(scope="module")
-def tiny_chat_model(tiny_hf_folder):
-    return load_model(tiny_hf_folder("llama"), device="cpu", progress=False)
+def tiny_chat_model(tiny_hf_folder, tmp_path_factory):
+    # module scope runs before the per-test private cache is set: name the cache here
+    home = tmp_path_factory.mktemp("home")
+    return load_model(tiny_hf_folder("llama"), device="cpu", progress=False, home=home)
 
 
 def test_chat_prompts_apply_the_template(tiny_chat_model):
