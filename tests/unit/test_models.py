@@ -182,7 +182,9 @@ def test_transformer_lens_official_names_go_to_its_hub_loader(monkeypatch):
     from transformer_lens import HookedTransformer
 
     calls = []
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", lambda name, **kw: calls.append(("proc", name, kw)))
+    monkeypatch.setattr(
+        HookedTransformer, "from_pretrained", lambda name, **kw: calls.append(("proc", name, kw))
+    )
     monkeypatch.setattr(
         HookedTransformer, "from_pretrained_no_processing", lambda name, **kw: calls.append(("raw", name, kw))
     )

@@ -1,0 +1,31 @@
+"""Activations: caching hook points over texts, shards on disk, pairing across models."""
+
+from xferlens.activations import positions
+from xferlens.activations.align import Pairs, align_sets, paired_activations, same_tokenizer
+from xferlens.activations.cache import (
+    ActivationSet,
+    cache_activations,
+    iter_activations,
+    load_activation_set,
+    save_activation_set,
+)
+from xferlens.activations.hooks import resid_post, resolve_hooks
+from xferlens.activations.shards import ShardedActivations, ShardError, cache_to_disk
+
+__all__ = [
+    "Pairs",
+    "align_sets",
+    "paired_activations",
+    "same_tokenizer",
+    "ActivationSet",
+    "cache_activations",
+    "iter_activations",
+    "load_activation_set",
+    "positions",
+    "resid_post",
+    "resolve_hooks",
+    "save_activation_set",
+    "ShardedActivations",
+    "ShardError",
+    "cache_to_disk",
+]

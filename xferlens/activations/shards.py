@@ -1,0 +1,257 @@
+"""Stream activations to disk as safetensors shards with a JSON manifest, and read them back.
+
+Layout of a shard folder::
+
+    manifest.json        what made it (model, fingerprint, hooks, dtype, positions), row
+                         counts, and for every shard its file name, rows, bytes and sha256
+    texts.jsonl          the texts, one JSON string per line (row ``text_index`` points here)
+    shard-00000.safetensors ...
+
+The manifest is written last, after every shard is complete, and the folder is renamed
+into place, so a half-written folder is never taken for a finished one. Readers check
+each shard's size and tensor layout against the manifest when opening, and its sha256
+when reading it: a missing, extra, swapped or altered shard is refused, never mixed in.
+Peak memory while writing is one shard plus one batch, whatever the corpus size.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_bytes
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from xferlens.activations.cache import (
+    ActivationSet,
+    iter_activations,
+    model_meta,
+    storage_dtype,
+    texts_fingerprint,
+)
+from xferlens.activations.hooks import HookSpec, resolve_hooks
+from xferlens.activations.positions import Selector, describe
+from xferlens.safetensors_io import read_header, save_streaming
+
+FORMAT = "xferlens.activation-shards/1"
+INDEX_KEYS = ["text_index", "position", "token_ids", "char_spans"]
+
+
+class ShardError(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_to_disk(
+    model: HookedTransformer,
+    texts: Sequence[str],
+    folder: str | os.PathLike,
+    hooks: HookSpec,
+    *,
+    positions: Selector = "all",
+    drop_special: bool = True,
+    batch_size: int = 8,
+    dtype: str | torch.dtype = "float16",
+    shard_rows: int = 32768,
+    max_length: int | None = None,
+    truncate: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> "ShardedActivations":
+    """Cache activations of ``texts`` into shards under ``folder``; return a reader.
+
+    Same arguments as :func:`cache_activations`; rows are flushed to a new shard every
+    ``shard_rows`` rows. Default storage is float16 (half the disk).
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it or choose another folder")
+    names = resolve_hooks(model, hooks)
+    dt = storage_dtype(dtype)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}-partial-", dir=folder.parent))
+    try:
+        with open(stage / "texts.jsonl", "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps(t) + "\n")
+        shards: list[dict] = []
+        buffer: list[dict] = []
+        n_buffered = 0
+
+        def flush() -> None:
+            nonlocal buffer, n_buffered
+            if not buffer:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {f"acts/{h}": torch.cat([b["acts"][h] for b in buffer]) for h in names}
+            for k in INDEX_KEYS:
+                tensors[k] = torch.cat([b[k] for b in buffer])
+            save_streaming(tensors, stage / name)
+            shards.append(
+                {
+                    "file": name,
+                    "rows": n_buffered,
+                    "bytes": (stage / name).stat().st_size,
+                    "sha256": _sha256(stage / name),
+                }
+            )
+            buffer, n_buffered = [], 0
+
+        d_of: dict[str, list[int]] = {}
+        for part in iter_activations(
+            model,
+            texts,
+            names,
+            positions=positions,
+            drop_special=drop_special,
+            batch_size=batch_size,
+            dtype=dt,
+            max_length=max_length,
+            truncate=truncate,
+            progress=progress,
+        ):
+            d_of = {h: list(a.shape[1:]) for h, a in part["acts"].items()}
+            buffer.append(part)
+            n_buffered += len(part["text_index"])
+            if n_buffered >= shard_rows:
+                flush()
+        flush()
+        manifest = {
+            "format": FORMAT,
+            **model_meta(model),
+            "hooks": names,
+            "shape": d_of,
+            "dtype": str(dt).removeprefix("torch."),
+            "positions": describe(positions),
+            "drop_special": drop_special,
+            "n_texts": len(texts),
+            "texts_fingerprint": texts_fingerprint(texts),
+            "texts_sha256": _sha256(stage / "texts.jsonl"),
+            "n_rows": sum(s["rows"] for s in shards),
+            "shards": shards,
+        }
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # only left if we failed before the rename
+    return ShardedActivations(folder)
+
+
+class ShardedActivations:
+    """Reader for a shard folder: validated on open, streamed in batches.
+
+    Example:
+        >>> store = ShardedActivations("runs/acts")  # doctest: +SKIP
+        >>> for batch in store.batches(4096, shuffle=True, seed=0):  # doctest: +SKIP
+        ...     x = batch["acts"]["blocks.12.hook_resid_post"]
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        mpath = self.folder / "manifest.json"
+        if not mpath.is_file():
+            raise ShardError(f"{self.folder} has no manifest.json: not a finished shard folder")
+        self.manifest = m = json.loads(mpath.read_text())
+        if m.get("format") != FORMAT:
+            raise ShardError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT!r}")
+        listed = {s["file"] for s in m["shards"]}
+        present = {p.name for p in self.folder.glob("shard-*.safetensors")}
+        if listed != present:
+            raise ShardError(
+                f"{self.folder}: shards on disk do not match the manifest (missing: "
+                f"{sorted(listed - present)}, not in manifest: {sorted(present - listed)}); refusing to mix"
+            )
+        if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
+            raise ShardError(f"{mpath}: shard row counts do not add up to n_rows={m['n_rows']}")
+        for s in m["shards"]:
+            self._check_layout(s)
+
+    def _check_layout(self, s: dict) -> None:
+        path = self.folder / s["file"]
+        if path.stat().st_size != s["bytes"]:
+            raise ShardError(
+                f"{path}: {path.stat().st_size} bytes, manifest says {s['bytes']}: truncated or replaced"
+            )
+        header, _ = read_header(path)
+        for h in self.hooks:
+            info = header.get(f"acts/{h}")
+            want = [s["rows"], *self.manifest["shape"][h]]
+            if info is None or info["shape"] != want:
+                raise ShardError(f"{path}: acts/{h} has shape {info and info['shape']}, manifest says {want}")
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"ShardedActivations({m['model']}, {m['n_texts']} texts, {m['n_rows']} rows, "
+            f"{len(m['shards'])} shards, {m['dtype']}; {', '.join(m['hooks'])})"
+        )
+
+    def texts(self) -> list[str]:
+        path = self.folder / "texts.jsonl"
+        if _sha256(path) != self.manifest["texts_sha256"]:
+            raise ShardError(f"{path} does not match the manifest's sha256: the texts were altered")
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    def read_shard(self, i: int) -> dict[str, Tensor]:
+        s = self.manifest["shards"][i]
+        raw = (self.folder / s["file"]).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != s["sha256"]:
+            raise ShardError(
+                f"{self.folder / s['file']}: sha256 differs from the manifest: altered or corrupted"
+            )
+        return load_bytes(raw)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, hooks: Sequence[str] | None = None
+    ) -> Iterator[dict]:
+        """Batches of rows: ``{"acts": {hook: rows}, "text_index": ..., ...}``.
+
+        ``shuffle`` visits shards in a random order and rows within each shard in a random
+        order (memory: one shard). Ordered reading returns rows as written.
+        """
+        names = list(hooks) if hooks is not None else self.hooks
+        g = torch.Generator().manual_seed(seed)
+        order = (
+            torch.randperm(len(self.manifest["shards"]), generator=g).tolist()
+            if shuffle
+            else range(len(self.manifest["shards"]))
+        )
+        for i in order:
+            t = self.read_shard(i)
+            n = t["text_index"].shape[0]
+            idx = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            for start in range(0, n, batch_size):
+                sel = idx[start : start + batch_size]
+                yield {"acts": {h: t[f"acts/{h}"][sel] for h in names}, **{k: t[k][sel] for k in INDEX_KEYS}}
+
+    def load(self) -> ActivationSet:
+        """Everything in memory, as an :class:`ActivationSet` (for sets that fit)."""
+        parts = [self.read_shard(i) for i in range(len(self.manifest["shards"]))]
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        order = torch.argsort(cat["text_index"] * (1 << 32) + cat["position"])  # as cache_activations
+        cat = {k: v[order] for k, v in cat.items()}
+        meta = {k: v for k, v in self.manifest.items() if k not in ("shards", "format")}
+        return ActivationSet(
+            {h: cat[f"acts/{h}"] for h in self.hooks}, *(cat[k] for k in INDEX_KEYS), self.texts(), meta
+        )
