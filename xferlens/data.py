@@ -65,7 +65,9 @@ FILES: dict[str, DataFile] = {
     ),
 }
 DONOTANSWER = {  # file name -> sha256
-    "discrimination_exclusion_toxicity_hateful_offensive": "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b",
+    "discrimination_exclusion_toxicity_hateful_offensive": (
+        "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b"
+    ),
     "human_chatbox": "2347ded65975f73042c3f2f390c136163e6ab2a41b58f5e43a174d001e6c946e",
     "information_hazard": "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea",
     "malicious_uses": "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443",

@@ -42,7 +42,7 @@ class ActivationSet:
     position, token and character span each row comes from. Padding never appears.
     """
 
-    acts: dict[str, Float[Tensor, "n *d"]]
+    acts: dict[str, Float[Tensor, "n *d"]]  # noqa: F821 (jaxtyping shape)
     text_index: Int[Tensor, " n"]
     position: Int[Tensor, " n"]
     token_ids: Int[Tensor, " n"]
@@ -57,7 +57,7 @@ class ActivationSet:
     def hooks(self) -> list[str]:
         return list(self.acts)
 
-    def rows(self, hook: str | None = None) -> Float[Tensor, "n *d"]:
+    def rows(self, hook: str | None = None) -> Float[Tensor, "n *d"]:  # noqa: F821
         """The activation matrix of ``hook`` (the only hook when there is one)."""
         if hook is None:
             if len(self.acts) != 1:
@@ -158,8 +158,8 @@ def iter_activations(
                 sel_dev = select.to(device)
                 captured: dict[str, Tensor] = {}
 
-                def grab(act: Tensor, hook) -> None:
-                    captured[hook.name] = act[sel_dev].to(dt).cpu()
+                def grab(act: Tensor, hook, captured=captured, sel=sel_dev) -> None:
+                    captured[hook.name] = act[sel].to(dt).cpu()
 
                 with model.hooks(fwd_hooks=[(h, grab) for h in names]):
                     model(tokens.to(device), stop_at_layer=stop, return_type=None)
