@@ -1,0 +1,130 @@
+"""Caching throughput and streaming memory (issue 3), each figure measured in this run.
+
+Part 1, throughput on smollm2-135m-instruct, the same 8 texts of exactly 128 tokens:
+  (a) HF ``AutoModelForCausalLM`` full forward
+  (b) TransformerLens ``run_with_cache`` with no filter (every hook)
+  (c) xferlens ``cache_activations`` of one mid layer (``blocks.15.hook_resid_post``)
+  (d) TransformerLens forward with ``stop_at_layer=16`` and no hooks: the cost of running
+      only the layers (c) needs, for reference
+Target: (c) >= 0.9 x (a) x n_layers / (layer + 1).
+
+Part 2, peak RSS of ``cache_to_disk`` streaming one layer (blocks.12, float16) of
+qwen2.5-coder-0.5b-instruct over the default corpus, for growing token counts, each in a
+fresh process. It must not grow with the corpus.
+
+    python benchmarks/bench_cache.py [--tokens 20000 100000 1000000] [--out benchmarks/cache.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LAYER = 15
+REPS = 5
+
+
+def throughput() -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from xferlens import data, load_model
+    from xferlens.activations import cache_activations
+
+    model = load_model("smollm2-135m-instruct", device="cpu", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(model.xferlens_source["folder"], dtype=torch.float32).eval()
+    corpus = data.default_corpus(None).texts
+    long = [t for t in corpus if len(model.to_tokens(t)[0]) >= 130][:8]
+    tokens = torch.stack([model.to_tokens(t)[0, :128] for t in long])
+    texts = [model.tokenizer.decode(row) for row in tokens]
+    # the decoded texts re-tokenize to 128 tokens (checked, so all four see the same work)
+    n_tok = sum(len(model.to_tokens(t)[0]) for t in texts)
+
+    def timeit(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(REPS):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        t_hf = timeit(lambda: hf(tokens))
+        t_tl_all = timeit(lambda: model.run_with_cache(tokens))
+        t_stop = timeit(lambda: model(tokens, stop_at_layer=LAYER + 1))
+    t_ours = timeit(lambda: cache_activations(model, texts, LAYER, batch_size=8, progress=False))
+    n_layers = model.cfg.n_layers
+    rate = {k: tokens.numel() / v for k, v in
+            {"hf_full_forward": t_hf, "tl_run_with_cache_all": t_tl_all, "tl_stop_at_layer": t_stop}.items()}
+    rate["xferlens_one_layer"] = n_tok / t_ours
+    target = 0.9 * rate["hf_full_forward"] * n_layers / (LAYER + 1)
+    return {
+        "model": "smollm2-135m-instruct", "batch": list(tokens.shape), "layer": LAYER,
+        "tok_per_s": {k: round(v) for k, v in rate.items()},
+        "ours_over_hf": round(rate["xferlens_one_layer"] / rate["hf_full_forward"], 2),
+        "ours_over_run_with_cache": round(rate["xferlens_one_layer"] / rate["tl_run_with_cache_all"], 2),
+        "ours_over_stop_at_layer": round(rate["xferlens_one_layer"] / rate["tl_stop_at_layer"], 2),
+        "target_tok_per_s": round(target),
+        "meets_target": rate["xferlens_one_layer"] >= target,
+    }
+
+
+CHILD = r"""
+import json, resource, sys, tempfile, time
+from xferlens import data, load_model
+from xferlens.activations import cache_to_disk
+n_tokens = int(sys.argv[1])
+model = load_model("qwen2.5-coder-0.5b-instruct", device="cpu", progress=False)
+corpus = data.default_corpus(None).texts
+texts, total = [], 0
+for t in corpus:
+    if total >= n_tokens:
+        break
+    texts.append(t)
+    total += len(model.tokenizer(t)["input_ids"])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+t0 = time.perf_counter()
+with tempfile.TemporaryDirectory() as d:
+    store = cache_to_disk(model, texts, d + "/acts", 12, dtype="float16", progress=False)
+    rows, shards = len(store), len(store.manifest["shards"])
+print(json.dumps({"tokens": total, "texts": len(texts), "rows": rows, "shards": shards,
+                  "seconds": round(time.perf_counter() - t0, 1),
+                  "rss_before_caching_gib": round(base, 2),
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+"""
+
+
+def streaming(n_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(n_tokens)], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", nargs="*", type=int, default=[20_000, 100_000])
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--out", default="benchmarks/cache.json")
+    args = ap.parse_args()
+    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if not args.skip_throughput:
+        result["throughput"] = throughput()
+        print(json.dumps(result["throughput"], indent=1), flush=True)
+    result["streaming"] = []
+    for n in args.tokens:
+        row = streaming(n)
+        result["streaming"].append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
