@@ -60,12 +60,20 @@ def throughput() -> dict:
         t_stop = timeit(lambda: model(tokens, stop_at_layer=LAYER + 1))
     t_ours = timeit(lambda: cache_activations(model, texts, LAYER, batch_size=8, progress=False))
     n_layers = model.cfg.n_layers
-    rate = {k: tokens.numel() / v for k, v in
-            {"hf_full_forward": t_hf, "tl_run_with_cache_all": t_tl_all, "tl_stop_at_layer": t_stop}.items()}
+    rate = {
+        k: tokens.numel() / v
+        for k, v in {
+            "hf_full_forward": t_hf,
+            "tl_run_with_cache_all": t_tl_all,
+            "tl_stop_at_layer": t_stop,
+        }.items()
+    }
     rate["xferlens_one_layer"] = n_tok / t_ours
     target = 0.9 * rate["hf_full_forward"] * n_layers / (LAYER + 1)
     return {
-        "model": "smollm2-135m-instruct", "batch": list(tokens.shape), "layer": LAYER,
+        "model": "smollm2-135m-instruct",
+        "batch": list(tokens.shape),
+        "layer": LAYER,
         "tok_per_s": {k: round(v) for k, v in rate.items()},
         "ours_over_hf": round(rate["xferlens_one_layer"] / rate["hf_full_forward"], 2),
         "ours_over_run_with_cache": round(rate["xferlens_one_layer"] / rate["tl_run_with_cache_all"], 2),
@@ -101,8 +109,12 @@ print(json.dumps({"tokens": total, "texts": len(texts), "rows": rows, "shards": 
 
 
 def streaming(n_tokens: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(n_tokens)], capture_output=True, text=True,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(n_tokens)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,7 +126,11 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", default="benchmarks/cache.json")
     args = ap.parse_args()
-    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if not args.skip_throughput:
         result["throughput"] = throughput()
         print(json.dumps(result["throughput"], indent=1), flush=True)

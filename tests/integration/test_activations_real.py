@@ -54,8 +54,12 @@ def test_alignment_on_unicode_numbers_whitespace(smol, qwen):
     pairs = align_sets(a, b, a.hooks[0], b.hooks[0], "char_end")
     assert pairs.coverage["src"] > 0.6 and pairs.coverage["tgt"] > 0.6, pairs.coverage
     # each pair's tokens end at the same character: the two models have read the same text
-    ends_a = {(int(t), int(p)): int(e) for t, p, e in zip(a.text_index, a.position, a.char_spans[:, 1], strict=True)}
-    ends_b = {(int(t), int(p)): int(e) for t, p, e in zip(b.text_index, b.position, b.char_spans[:, 1], strict=True)}
+    ends_a = {
+        (int(t), int(p)): int(e) for t, p, e in zip(a.text_index, a.position, a.char_spans[:, 1], strict=True)
+    }
+    ends_b = {
+        (int(t), int(p)): int(e) for t, p, e in zip(b.text_index, b.position, b.char_spans[:, 1], strict=True)
+    }
     for t, ps, pt in zip(pairs.text_index, pairs.src_position, pairs.tgt_position, strict=True):
         assert ends_a[(int(t), int(ps))] == ends_b[(int(t), int(pt))]
     # and pairs hold the right rows

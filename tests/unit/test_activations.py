@@ -229,3 +229,17 @@ def test_char_end_rule():
     assert pairs.coverage == {"src": 2 / 5, "tgt": 2 / 4}
     with pytest.raises(ValueError, match="different texts"):
         align_sets(src, _fake_set(["other"], [[(0, 5)]]), "h", "h", "char_end")
+
+
+def test_left_padding_tokenizer_does_not_mask_real_tokens(tiny):
+    """A text that starts with the pad id must not be masked when the tokenizer pads left."""
+    tok = tiny.tokenizer
+    saved = (tok.padding_side, tok.pad_token)
+    tok.padding_side, tok.pad_token = "left", "t"  # 't' is the first token of TEXTS[0]
+    try:
+        acts = cache_activations(tiny, TEXTS[:2], 1, batch_size=2, progress=False, drop_special=False)
+        assert tok.padding_side == "left"  # restored after the forward pass
+    finally:
+        tok.padding_side, tok.pad_token = saved
+    ref = hand_recorded(tiny, TEXTS[0], "blocks.1.hook_resid_post")
+    torch.testing.assert_close(acts.rows()[acts.text_index == 0], ref, rtol=1e-4, atol=1e-5)

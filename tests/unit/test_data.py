@@ -12,7 +12,9 @@ def local_data(tmp_path, monkeypatch):
     house.mkdir()
     body = b"Ada\tA passage about [MASK] and her friends, long enough to keep.\nBob\tshort\n"
     make_wheel(house, "xferlens-test-data", "1.0", {"pkg/data/books.tsv": body})
-    good = data.DataFile("xferlens-test-data", "1.0", "pkg/data/books.tsv", zoo.hashlib.sha256(body).hexdigest(), "t")
+    good = data.DataFile(
+        "xferlens-test-data", "1.0", "pkg/data/books.tsv", zoo.hashlib.sha256(body).hexdigest(), "t"
+    )
     monkeypatch.setitem(data.FILES, "book_cloze", good)
     return {"pip_args": ["--no-index", "--find-links", str(house)], "good": good}
 

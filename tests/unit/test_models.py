@@ -179,15 +179,20 @@ def test_tampered_cached_conversion_is_refused(tiny_hf_folder, tmp_path):
 
 def test_transformer_lens_official_names_go_to_its_hub_loader(monkeypatch):
     """For users with a hub: official names are handed to TransformerLens unchanged."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    stand_in = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, act_fn="relu"
+        )
+    )
     calls = []
-    monkeypatch.setattr(
-        HookedTransformer, "from_pretrained", lambda name, **kw: calls.append(("proc", name, kw))
-    )
-    monkeypatch.setattr(
-        HookedTransformer, "from_pretrained_no_processing", lambda name, **kw: calls.append(("raw", name, kw))
-    )
+
+    def fake(kind):
+        return lambda name, **kw: calls.append((kind, name, kw)) or stand_in
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fake("proc"))
+    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", fake("raw"))
     load_model("gpt2", device="cpu")
     load_model("gpt2", device="cpu", process=False, dtype="bfloat16", n_ctx=512)
     (kind1, name1, kw1), (kind2, name2, kw2) = calls

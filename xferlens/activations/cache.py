@@ -6,6 +6,7 @@ batched by length with right padding: under a causal mask real tokens never see 
 padding, so no attention mask is needed and padded positions are simply never stored.
 """
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,19 @@ class ActivationSet:
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _right_padding(tokenizer):
+    """Our batches are right-padded. A tokenizer set to pad on the left would make
+    TransformerLens build a left-padding mask (masking *leading* pad-id tokens), so tell it
+    the truth for the duration of the forward pass."""
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = saved
 
 
 def _selection(text: str, spans, special, positions: Selector, drop_special: bool) -> list[bool]:
@@ -161,7 +175,7 @@ def iter_activations(
                 def grab(act: Tensor, hook, captured=captured, sel=sel_dev) -> None:
                     captured[hook.name] = act[sel].to(dt).cpu()
 
-                with model.hooks(fwd_hooks=[(h, grab) for h in names]):
+                with model.hooks(fwd_hooks=[(h, grab) for h in names]), _right_padding(model.tokenizer):
                     model(tokens.to(device), stop_at_layer=stop, return_type=None)
                 rows_text = torch.tensor([c0 + i for i in batch]).unsqueeze(1).expand_as(select)[select]
                 rows_pos = torch.arange(width).unsqueeze(0).expand_as(select)[select]
