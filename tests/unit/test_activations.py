@@ -243,3 +243,10 @@ def test_left_padding_tokenizer_does_not_mask_real_tokens(tiny):
         tok.padding_side, tok.pad_token = saved
     ref = hand_recorded(tiny, TEXTS[0], "blocks.1.hook_resid_post")
     torch.testing.assert_close(acts.rows()[acts.text_index == 0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_rows_carry_no_autograd_graph(tiny):
+    """Rows must not keep the forward pass alive (that once cost 20 GB on 60 texts)."""
+    assert torch.is_grad_enabled()
+    a = cache_activations(tiny, TEXTS, 1, progress=False)
+    assert not a.rows().requires_grad and a.rows().grad_fn is None

@@ -123,7 +123,6 @@ def model_meta(model: HookedTransformer) -> dict:
     }
 
 
-@torch.inference_mode()
 def iter_activations(
     model: HookedTransformer,
     texts: Sequence[str],
@@ -173,9 +172,16 @@ def iter_activations(
                 captured: dict[str, Tensor] = {}
 
                 def grab(act: Tensor, hook, captured=captured, sel=sel_dev) -> None:
-                    captured[hook.name] = act[sel].to(dt).cpu()
+                    captured[hook.name] = act.detach()[sel].to(dt).cpu()
 
-                with model.hooks(fwd_hooks=[(h, grab) for h in names]), _right_padding(model.tokenizer):
+                # no_grad inside the body (not as a decorator): a decorator on a generator is
+                # easily lost when the function is wrapped (jaxtyping's import hook did), and
+                # then every captured row kept its whole autograd graph alive.
+                with (
+                    torch.no_grad(),
+                    model.hooks(fwd_hooks=[(h, grab) for h in names]),
+                    _right_padding(model.tokenizer),
+                ):
                     model(tokens.to(device), stop_at_layer=stop, return_type=None)
                 rows_text = torch.tensor([c0 + i for i in batch]).unsqueeze(1).expand_as(select)[select]
                 rows_pos = torch.arange(width).unsqueeze(0).expand_as(select)[select]
