@@ -118,7 +118,8 @@ print(json.dumps({"tokens": total, "texts": len(texts), "rows": rows, "shards": 
                   "rss_before_caching_gib": round(base / 2**30, 2),
                   "peak_rss_while_caching_gib": round(peak[0] / 2**30, 2),
                   "added_by_caching_gib": round((peak[0] - base) / 2**30, 2),
-                  "process_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+                  "process_max_rss_gib": round(
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 """
 
 
