@@ -89,8 +89,8 @@ import json, resource, sys, tempfile, threading, time
 import psutil
 from xferlens import data, load_model
 from xferlens.activations import cache_to_disk
-n_tokens = int(sys.argv[1])
-model = load_model("qwen2.5-coder-0.5b-instruct", device="cpu", progress=False)
+n_tokens, name, shard_rows = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+model = load_model(name, device="cpu", progress=False)
 corpus = data.default_corpus(None).texts
 texts, total = [], 0
 for t in corpus:
@@ -109,7 +109,8 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as d:
-    store = cache_to_disk(model, texts, d + "/acts", 12, dtype="float16", progress=False)
+    store = cache_to_disk(model, texts, d + "/acts", 12, dtype="float16", progress=False,
+                          shard_rows=shard_rows)
     rows, shards = len(store), len(store.manifest["shards"])
     disk = sum(p.stat().st_size for p in store.folder.iterdir())
 done.set()
@@ -123,9 +124,9 @@ print(json.dumps({"tokens": total, "texts": len(texts), "rows": rows, "shards": 
 """
 
 
-def streaming(n_tokens: int) -> dict:
+def streaming(n_tokens: int, model: str, shard_rows: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(n_tokens)],
+        [sys.executable, "-c", CHILD, str(n_tokens), model, str(shard_rows)],
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
@@ -139,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", nargs="*", type=int, default=[10_000, 100_000])
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--shard-rows", type=int, default=32768)
     ap.add_argument("--out", default="benchmarks/cache.json")
     args = ap.parse_args()
     result = {
@@ -151,7 +154,11 @@ def main() -> None:
         print(json.dumps(result["throughput"], indent=1), flush=True)
     result["streaming"] = []
     for n in args.tokens:
-        row = streaming(n)
+        row = {
+            "model": args.model,
+            "shard_rows": args.shard_rows,
+            **streaming(n, args.model, args.shard_rows),
+        }
         result["streaming"].append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
