@@ -4,8 +4,8 @@ Every public function annotates its tensor arguments with these aliases; the tes
 checks them at run time (``--jaxtyping-packages=xferlens,beartype.beartype``), so a shape
 mismatch fails loudly in tests instead of silently broadcasting.
 
-Do not add ``from __future__ import annotations`` to modules that use these: it turns the
-annotations into strings and the run-time checks off.
+Do not turn on postponed evaluation of annotations (the ``__future__`` import) in modules
+that use these: it makes the annotations strings and the run-time checks silently stop.
 """
 
 from jaxtyping import Float, Int
