@@ -25,5 +25,27 @@ LogProbs = Float[Tensor, "batch pos d_vocab"]
 Rows = Float[Tensor, "n d_model"]
 #: One direction in a model's residual stream.
 Direction = Float[Tensor, " d_model"]
+#: Rows of any hook point (``resid``: ``[n, d_model]``; ``attn.hook_z``: ``[n, heads, d_head]``).
+HookRows = Float[Tensor, "n *d"]  # noqa: F821
+#: One integer per row (text index, position, token id).
+RowIndex = Int[Tensor, " n"]
+#: Character span ``[start, end)`` of each row's token in its text.
+CharSpans = Int[Tensor, "n 2"]
+#: Paired rows: source side and target side of a map between two models.
+SrcRows = Float[Tensor, "n d_src"]
+TgtRows = Float[Tensor, "n d_tgt"]
 
-__all__ = ["Direction", "LogProbs", "Logits", "Mask", "Resid", "Rows", "Tokens"]
+__all__ = [
+    "CharSpans",
+    "Direction",
+    "HookRows",
+    "LogProbs",
+    "Logits",
+    "Mask",
+    "Resid",
+    "RowIndex",
+    "Rows",
+    "SrcRows",
+    "TgtRows",
+    "Tokens",
+]

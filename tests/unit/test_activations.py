@@ -250,3 +250,19 @@ def test_cached_rows_carry_no_autograd_graph(tiny):
     assert torch.is_grad_enabled()
     a = cache_activations(tiny, TEXTS, 1, progress=False)
     assert not a.rows().requires_grad and a.rows().grad_fn is None
+
+
+def test_activation_set_fields_share_their_row_count():
+    """The shared jaxtyping aliases are checked at run time: n must agree across fields."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises(TypeCheckError):
+        ActivationSet(
+            {"h": torch.zeros(3, 4)},
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(3, 2, dtype=torch.long),
+            ["t"],
+            {},
+        )

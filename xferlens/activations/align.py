@@ -20,23 +20,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import ActivationSet, cache_activations, texts_fingerprint
 from xferlens.activations.positions import Selector
+from xferlens.types import RowIndex, SrcRows, TgtRows
 
 
 @dataclass
 class Pairs:
     """Aligned rows of source and target activations, with how they were aligned."""
 
-    src: Float[Tensor, "n d_src"]
-    tgt: Float[Tensor, "n d_tgt"]
-    text_index: Int[Tensor, " n"]
-    src_position: Int[Tensor, " n"]
-    tgt_position: Int[Tensor, " n"]
+    src: SrcRows
+    tgt: TgtRows
+    text_index: RowIndex
+    src_position: RowIndex
+    tgt_position: RowIndex
     alignment: str
     coverage: dict[str, float]
     meta: dict = field(default_factory=dict)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -22,6 +21,7 @@ from transformer_lens import HookedTransformer
 from xferlens.activations.hooks import HookSpec, resolve_hooks, stop_layer
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.types import CharSpans, HookRows, RowIndex
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,11 +43,11 @@ class ActivationSet:
     position, token and character span each row comes from. Padding never appears.
     """
 
-    acts: dict[str, Float[Tensor, "n *d"]]  # noqa: F821 (jaxtyping shape)
-    text_index: Int[Tensor, " n"]
-    position: Int[Tensor, " n"]
-    token_ids: Int[Tensor, " n"]
-    char_spans: Int[Tensor, "n 2"]
+    acts: dict[str, HookRows]
+    text_index: RowIndex
+    position: RowIndex
+    token_ids: RowIndex
+    char_spans: CharSpans
     texts: list[str]
     meta: dict = field(default_factory=dict)
 
@@ -58,7 +58,7 @@ class ActivationSet:
     def hooks(self) -> list[str]:
         return list(self.acts)
 
-    def rows(self, hook: str | None = None) -> Float[Tensor, "n *d"]:  # noqa: F821
+    def rows(self, hook: str | None = None) -> HookRows:
         """The activation matrix of ``hook`` (the only hook when there is one)."""
         if hook is None:
             if len(self.acts) != 1:
