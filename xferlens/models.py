@@ -399,7 +399,7 @@ def _save_converted(
         paths.publish_dir(out, dest)
 
 
-def _load_converted(dest: Path, source: Source, dtype: torch.dtype, tokenizer) -> HookedTransformer:
+def _load_converted(dest: Path, dtype: torch.dtype, tokenizer) -> HookedTransformer:
     from safetensors.torch import load_file
 
     try:
@@ -473,7 +473,7 @@ def load_model(
     tokenizer = None
     if cache and (dest / TL_META_FILE).is_file():
         tokenizer = _tokenizer(source.folder)
-        model = _load_converted(dest, source, dt, tokenizer)
+        model = _load_converted(dest, dt, tokenizer)
         how = "cached conversion"
     else:
         model, cfg = _convert(source, processing, dt, n_ctx, default_prepend_bos)

@@ -1,7 +1,5 @@
 """Check that a converted HookedTransformer computes what the original HF model computes."""
 
-from collections.abc import Sequence
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -23,8 +21,3 @@ def logprob_gap(
     ours = model(tokens).float().log_softmax(-1)
     theirs = hf_model(tokens.to(next(hf_model.parameters()).device)).logits.float().log_softmax(-1)
     return (ours - theirs.to(ours.device)).abs().amax(dim=(1, 2))
-
-
-def tokenize_each(model: HookedTransformer, texts: Sequence[str]) -> list[Tokens]:
-    """One ``[1, pos]`` tensor per text, tokenized the way the HF tokenizer does by itself."""
-    return [model.to_tokens(t) for t in texts]

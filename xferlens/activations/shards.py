@@ -31,6 +31,7 @@ from xferlens.activations.cache import (
     ActivationSet,
     iter_activations,
     model_meta,
+    row_order,
     storage_dtype,
     texts_fingerprint,
 )
@@ -249,7 +250,7 @@ class ShardedActivations:
         """Everything in memory, as an :class:`ActivationSet` (for sets that fit)."""
         parts = [self.read_shard(i) for i in range(len(self.manifest["shards"]))]
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        order = torch.argsort(cat["text_index"] * (1 << 32) + cat["position"])  # as cache_activations
+        order = row_order(cat["text_index"], cat["position"])
         cat = {k: v[order] for k, v in cat.items()}
         meta = {k: v for k, v in self.manifest.items() if k not in ("shards", "format")}
         return ActivationSet(
