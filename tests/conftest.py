@@ -182,3 +182,20 @@ def tiny_hf_folder(tmp_path_factory, tiny_tokenizer_dir):
 def caplog_info(caplog):
     caplog.set_level(logging.INFO, logger="xferlens")
     return caplog
+
+
+@pytest.fixture(scope="session")
+def tiny_tl(tiny_hf_folder, tmp_path_factory):
+    """Factory: a tiny random HookedTransformer per architecture, loaded once per session
+    (``tiny_tl("llama")``, ``tiny_tl("qwen2")``); all share the tiny byte-BPE tokenizer."""
+    from xferlens import load_model
+
+    home = tmp_path_factory.mktemp("tiny-tl-home")
+    made = {}
+
+    def make(arch: str):
+        if arch not in made:
+            made[arch] = load_model(tiny_hf_folder(arch), device="cpu", progress=False, home=home)
+        return made[arch]
+
+    return make

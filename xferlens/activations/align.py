@@ -16,7 +16,7 @@ Special tokens (BOS, chat-template markers) and padding are dropped on both side
 pairing, by the same rule, so they can never pair with text.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +41,43 @@ class Pairs:
     coverage: dict[str, float]
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        n = self.src.shape[0]
+        for name in ("tgt", "text_index", "src_position", "tgt_position"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(
+                    f"Pairs: src has {n} rows but {name} has {getattr(self, name).shape[0]}; "
+                    "row i of every field must describe the same token"
+                )
+        if self.src.ndim != 2 or self.tgt.ndim != 2:
+            raise ValueError(
+                f"Pairs: src and tgt must be [rows, d], got {tuple(self.src.shape)} "
+                f"and {tuple(self.tgt.shape)}"
+            )
+
     def __len__(self) -> int:
         return int(self.src.shape[0])
+
+    @property
+    def d_src(self) -> int:
+        return int(self.src.shape[1])
+
+    @property
+    def d_tgt(self) -> int:
+        return int(self.tgt.shape[1])
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(src rows, tgt rows)`` in batches (what mapper fitting consumes)."""
+        n = len(self)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        for start in range(0, n, batch_size):
+            if idx is None:
+                yield self.src[start : start + batch_size], self.tgt[start : start + batch_size]
+            else:
+                sel = idx[start : start + batch_size]
+                yield self.src[sel], self.tgt[sel]
 
     def __repr__(self) -> str:
         return (
@@ -92,8 +127,12 @@ def _last_by_end(spans: list[tuple[int, int]]) -> dict[int, int]:
     return out
 
 
-def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: str, alignment: str) -> Pairs:
-    """Pair the rows of two activation sets over the same texts (see module docs)."""
+def match_rows(src: ActivationSet, tgt: ActivationSet, alignment: str) -> tuple[RowIndex, RowIndex]:
+    """Row indices ``(si, ti)``: row ``si[k]`` of ``src`` and ``ti[k]`` of ``tgt`` are partners.
+
+    Only tokens, positions and character spans are used, so either set may hold no
+    activations at all (see :func:`~xferlens.activations.cache.token_rows`).
+    """
     if src.texts != tgt.texts:
         raise ValueError(
             "the two activation sets were made from different texts; pair sets of the same texts"
@@ -113,13 +152,21 @@ def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: 
                 )
             src_rows += range(s0, s1)
             tgt_rows += range(t0, t1)
-        else:
+        elif alignment == "char_end":
             s_end = _last_by_end([tuple(x) for x in src.char_spans[s0:s1].tolist()])
             t_end = _last_by_end([tuple(x) for x in tgt.char_spans[t0:t1].tolist()])
             for end in sorted(s_end.keys() & t_end.keys()):
                 src_rows.append(s0 + s_end[end])
                 tgt_rows.append(t0 + t_end[end])
-    si, ti = torch.tensor(src_rows, dtype=torch.long), torch.tensor(tgt_rows, dtype=torch.long)
+        else:
+            raise ValueError(f"alignment must be 'position' or 'char_end', not {alignment!r}")
+    return torch.tensor(src_rows, dtype=torch.long), torch.tensor(tgt_rows, dtype=torch.long)
+
+
+def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: str, alignment: str) -> Pairs:
+    """Pair the rows of two activation sets over the same texts (see module docs)."""
+    si, ti = match_rows(src, tgt, alignment)
+    n_texts = len(src.texts)
     coverage = {"src": len(si) / max(1, len(src)), "tgt": len(ti) / max(1, len(tgt))}
     return Pairs(
         src=src.rows(src_hook)[si],
@@ -130,11 +177,11 @@ def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: 
         alignment=alignment,
         coverage=coverage,
         meta={
+            **{f"src_{k}": src.meta.get(k) for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
+            **{f"tgt_{k}": tgt.meta.get(k) for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
             "src_model": src.meta.get("model"),
-            "src_fingerprint": src.meta.get("fingerprint"),
             "src_hook": src_hook,
             "tgt_model": tgt.meta.get("model"),
-            "tgt_fingerprint": tgt.meta.get("fingerprint"),
             "tgt_hook": tgt_hook,
             "n_texts": n_texts,
             "texts_fingerprint": texts_fingerprint(src.texts),
@@ -156,6 +203,7 @@ def paired_activations(
     alignment: str = "auto",
     batch_size: int = 8,
     dtype: str | torch.dtype = "float32",
+    max_length: int | None = None,
     truncate: bool = True,
     progress: bool = True,
 ) -> Pairs:
@@ -182,6 +230,7 @@ def paired_activations(
         drop_special=True,
         batch_size=batch_size,
         dtype=dtype,
+        max_length=max_length,
         truncate=truncate,
         progress=progress,
     )

@@ -21,6 +21,7 @@ from transformer_lens import HookedTransformer
 from xferlens.activations.hooks import HookSpec, resolve_hooks, stop_layer
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.identity import tokenizer_fingerprint, weights_fingerprint
 from xferlens.types import CharSpans, HookRows, RowIndex
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,10 +120,10 @@ def _selection(text: str, spans, special, positions: Selector, drop_special: boo
 
 
 def model_meta(model: HookedTransformer) -> dict:
-    src = getattr(model, "xferlens_source", {}) or {}
     return {
         "model": model.cfg.model_name,
-        "fingerprint": src.get("fingerprint"),
+        "fingerprint": weights_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(model),
         "n_layers": model.cfg.n_layers,
         "d_model": model.cfg.d_model,
     }
@@ -265,6 +266,38 @@ def cache_activations(
             "n_texts": len(texts),
             "texts_fingerprint": texts_fingerprint(texts),
         },
+    )
+
+
+def token_rows(
+    model: HookedTransformer,
+    texts: Sequence[str],
+    *,
+    drop_special: bool = True,
+    max_length: int | None = None,
+    truncate: bool = True,
+) -> ActivationSet:
+    """The rows :func:`cache_activations` would return (tokens, positions, spans), without
+    running the model: an :class:`ActivationSet` with no activations."""
+    tk = tokenize(model, texts, max_length=max_length, truncate=truncate)
+    ti, pos, ids, spans = [], [], [], []
+    for i, text in enumerate(texts):
+        keep = _selection(text, tk.spans[i], tk.special[i], "all", drop_special)
+        for j, k in enumerate(keep):
+            if k:
+                ti.append(i)
+                pos.append(j)
+                ids.append(tk.ids[i][j])
+                spans.append(tk.spans[i][j])
+    as_long = dict(dtype=torch.long)
+    return ActivationSet(
+        acts={},
+        text_index=torch.tensor(ti, **as_long),
+        position=torch.tensor(pos, **as_long),
+        token_ids=torch.tensor(ids, **as_long),
+        char_spans=torch.tensor(spans, **as_long).reshape(-1, 2),
+        texts=list(texts),
+        meta={**model_meta(model), "hooks": [], "positions": "all", "drop_special": drop_special},
     )
 
 

@@ -1,0 +1,204 @@
+"""Choose the (source layer, target layer) pair cheaply.
+
+Every requested layer of both models is cached once over a small sample of text, rows
+are paired once (the pairing depends only on tokens), and every layer pair is scored:
+
+* ``"cka"``: linear CKA of the paired rows (centred; 1 = the same geometry up to rotation
+  and scale), from ``|X^T Y|_F^2 / (|X^T X|_F |Y^T Y|_F)``;
+* ``"ridge"``: held-out R^2 (``1 - FVU``) of a ridge map fitted on half the sample's texts.
+
+:func:`rank_agreement` then says whether the cheap score ranks pairs the way the
+expensive patched KL does (Spearman's rho).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from xferlens.activations import cache_activations, match_rows, resid_post, same_tokenizer
+
+
+@dataclass
+class LayerScores:
+    scores: np.ndarray  # [len(src_layers), len(tgt_layers)]
+    src_layers: list[int]
+    tgt_layers: list[int]
+    method: str
+    src_model: str
+    tgt_model: str
+    n_rows: int
+    meta: dict = field(default_factory=dict)
+
+    def score(self, src_layer: int, tgt_layer: int) -> float:
+        return float(self.scores[self.src_layers.index(src_layer), self.tgt_layers.index(tgt_layer)])
+
+    def recommend(
+        self, k: int = 3, depth: tuple[float, float] = (0.25, 0.75)
+    ) -> list[tuple[int, int, float]]:
+        """The ``k`` best pairs whose target layer lies within ``depth`` (fractions of the
+        target's depth). Steering works in middle layers (the paper's "last steerable
+        layer" is about half-way), while the highest similarity is often found at the
+        embeddings, where nothing is worth transferring; ``depth=(0, 1)`` searches all."""
+        n_t = self.meta.get("tgt_n_layers", max(self.tgt_layers) + 1)
+        n_s = self.meta.get("src_n_layers", max(self.src_layers) + 1)
+        cands = []
+        for i, ls in enumerate(self.src_layers):
+            for j, lt in enumerate(self.tgt_layers):
+                ok_t = depth[0] <= lt / max(1, n_t - 1) <= depth[1]
+                ok_s = depth[0] <= ls / max(1, n_s - 1) <= depth[1]
+                if ok_t and ok_s:
+                    cands.append((ls, lt, float(self.scores[i, j])))
+        if not cands:
+            raise ValueError(f"no scored layer pair lies within depth {depth}; widen it or score more layers")
+        return sorted(cands, key=lambda c: -c[2])[:k]
+
+    def best_source_for(self, tgt_layer: int) -> int:
+        j = self.tgt_layers.index(tgt_layer)
+        return self.src_layers[int(np.argmax(self.scores[:, j]))]
+
+    def plot(self, ax=None, mark: Sequence[tuple[int, int]] = ()):
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 5))
+        fig = ax.figure
+        im = ax.imshow(
+            self.scores,
+            origin="lower",
+            aspect="auto",
+            cmap="viridis",
+            extent=(
+                self.tgt_layers[0] - 0.5,
+                self.tgt_layers[-1] + 0.5,
+                self.src_layers[0] - 0.5,
+                self.src_layers[-1] + 0.5,
+            ),
+        )
+        fig.colorbar(im, ax=ax, label=self.method)
+        for ls, lt in mark:
+            ax.plot(lt, ls, "r*", markersize=12)
+        ax.set_xlabel(f"target layer ({self.tgt_model})")
+        ax.set_ylabel(f"source layer ({self.src_model})")
+        ax.set_title(f"layer-pair {self.method} on {self.n_rows:,} paired tokens", fontsize=9)
+        return fig
+
+
+def _centered(x: Tensor) -> Tensor:
+    x = x.double()
+    return x - x.mean(0)
+
+
+def _cka(xs: list[Tensor], ys: list[Tensor], progress: bool) -> np.ndarray:
+    xs = [_centered(x) for x in xs]
+    ys = [_centered(y) for y in ys]
+    nx = [torch.linalg.matrix_norm(x.T @ x) for x in xs]
+    ny = [torch.linalg.matrix_norm(y.T @ y) for y in ys]
+    out = np.zeros((len(xs), len(ys)))
+    for i, x in enumerate(tqdm(xs, desc="CKA", disable=not progress)):
+        for j, y in enumerate(ys):
+            out[i, j] = float((x.T @ y).square().sum() / (nx[i] * ny[j]))
+    return out
+
+
+def _ridge_r2(xs, ys, text_index: Tensor, ridge: float, progress: bool) -> np.ndarray:
+    texts = torch.unique(text_index)
+    train = torch.isin(text_index, texts[::2])
+    out = np.zeros((len(xs), len(ys)))
+    for i, x in enumerate(tqdm(xs, desc="ridge R2", disable=not progress)):
+        x = x.double()
+        xt, xv = x[train], x[~train]
+        mx = xt.mean(0)
+        xt, xv = xt - mx, xv - mx
+        cxx = xt.T @ xt
+        lam = ridge * torch.trace(cxx) / cxx.shape[0]
+        chol = torch.linalg.cholesky(cxx + lam * torch.eye(cxx.shape[0], dtype=cxx.dtype))
+        for j, y in enumerate(ys):
+            y = y.double()
+            yt, yv = y[train], y[~train]
+            my = yt.mean(0)
+            w = torch.cholesky_solve(xt.T @ (yt - my), chol)
+            resid = (yv - my) - xv @ w
+            out[i, j] = 1 - float(resid.square().sum() / (yv - yv.mean(0)).square().sum())
+    return out
+
+
+def layer_pair_scores(
+    src: HookedTransformer,
+    tgt: HookedTransformer,
+    texts: Sequence[str],
+    *,
+    src_layers: Sequence[int] | None = None,
+    tgt_layers: Sequence[int] | None = None,
+    method: str = "cka",
+    max_rows: int = 4000,
+    ridge: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+) -> LayerScores:
+    """Score every (source layer, target layer) pair on ``texts`` (a small sample).
+
+    Example:
+        >>> ls = layer_pair_scores(small, big, corpus[:60])  # doctest: +SKIP
+        >>> ls.recommend(3)  # doctest: +SKIP
+        [(11, 13, 0.83), ...]
+    """
+    if method not in ("cka", "ridge"):
+        raise ValueError(f"method must be 'cka' or 'ridge', not {method!r}")
+    src_layers = list(range(src.cfg.n_layers)) if src_layers is None else list(src_layers)
+    tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else list(tgt_layers)
+    a = cache_activations(src, texts, src_layers, progress=progress)
+    b = cache_activations(tgt, texts, tgt_layers, progress=progress)
+    alignment = "position" if same_tokenizer(src, tgt) else "char_end"
+    # rows are matched once; the same matching holds for every layer
+    si, ti = match_rows(a, b, alignment)
+    coverage = {"src": len(si) / max(1, len(a)), "tgt": len(ti) / max(1, len(b))}
+    if len(si) > max_rows:
+        keep = torch.randperm(len(si), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+        si, ti = si[keep], ti[keep]
+    xs = [a.rows(resid_post(lay))[si] for lay in src_layers]
+    ys = [b.rows(resid_post(lay))[ti] for lay in tgt_layers]
+    scores = (
+        _cka(xs, ys, progress) if method == "cka" else _ridge_r2(xs, ys, a.text_index[si], ridge, progress)
+    )
+    return LayerScores(
+        scores,
+        src_layers,
+        tgt_layers,
+        method,
+        src.cfg.model_name,
+        tgt.cfg.model_name,
+        len(si),
+        meta={
+            "alignment": alignment,
+            "coverage": coverage,
+            "n_texts": len(texts),
+            "src_n_layers": src.cfg.n_layers,
+            "tgt_n_layers": tgt.cfg.n_layers,
+        },
+    )
+
+
+def rank_agreement(
+    cheap: dict[tuple[int, int], float],
+    expensive: dict[tuple[int, int], float],
+    higher_is_better: tuple[bool, bool] = (True, False),
+) -> dict:
+    """Spearman's rho between a cheap score and an expensive one over the same layer pairs.
+
+    By default the cheap score is better when higher (CKA, R^2) and the expensive one when
+    lower (patched KL); rho is reported so that +1 means the same ranking.
+    """
+    from scipy.stats import spearmanr
+
+    keys = sorted(set(cheap) & set(expensive))
+    if len(keys) < 3:
+        raise ValueError(f"need at least 3 layer pairs scored both ways, got {len(keys)}")
+    c = np.array([cheap[k] for k in keys]) * (1 if higher_is_better[0] else -1)
+    e = np.array([expensive[k] for k in keys]) * (1 if higher_is_better[1] else -1)
+    res = spearmanr(c, e)
+    return {"pairs": keys, "rho": float(res.statistic), "p_value": float(res.pvalue)}

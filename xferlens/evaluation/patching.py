@@ -1,0 +1,330 @@
+"""The report card of a mapper: reconstruction, patching, and patched generations.
+
+Patching, as the paper validates a map: run the target on held-out text with its
+activations at the mapper's target hook *replaced* by the mapped source activations, at
+every text token that has a source partner (special tokens such as BOS and chat markers,
+and the rare target tokens without a partner across tokenizers, keep the target's own
+values; the fraction patched is reported). Then compare the target's next-token
+distribution with the clean run: cross-entropy on the true next token and
+``KL(clean || patched)``, averaged over the patched positions. Two baselines replace the
+same positions: the mean target activation (mean-ablation; the paper's baseline) and a
+random linear map rescaled row by row to the mapped output's norm.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from xferlens.activations import (
+    Pairs,
+    cache_activations,
+    match_rows,
+    paired_activations,
+    same_tokenizer,
+    token_rows,
+)
+from xferlens.activations.cache import _right_padding
+from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.evaluation.text import rouge_l
+from xferlens.mappers.base import Mapper
+
+CONDITIONS = ("mapped", "mean_ablation", "random_map")
+
+
+@dataclass
+class MapperReport:
+    """What :func:`evaluate_mapper` measured; ``to_markdown()``, ``plot()``, ``to_dict()``."""
+
+    mapper: dict
+    n_texts: int
+    n_rows: int
+    coverage: dict
+    reconstruction: dict  # condition -> {"mse", "cosine", "fvu"}
+    patching: dict  # "clean" -> {"ce"}; condition -> {"ce", "kl"}
+    patched_fraction: float
+    n_positions: int
+    generations: list[dict] = field(default_factory=list)
+
+    @property
+    def kl_ratio(self) -> float:
+        """KL of the mapped patch over KL of mean-ablation (lower is better; 1 = no better)."""
+        return self.patching["mapped"]["kl"] / self.patching["mean_ablation"]["kl"]
+
+    @property
+    def rouge_l(self) -> float | None:
+        if not self.generations:
+            return None
+        return sum(g["rouge_l"] for g in self.generations) / len(self.generations)
+
+    def summary(self) -> dict:
+        """The headline figures (what a mapper artifact stores)."""
+        return {
+            "fvu": self.reconstruction["mapped"]["fvu"],
+            "cosine": self.reconstruction["mapped"]["cosine"],
+            "ce_clean": self.patching["clean"]["ce"],
+            "ce_mapped": self.patching["mapped"]["ce"],
+            "kl_mapped": self.patching["mapped"]["kl"],
+            "kl_mean_ablation": self.patching["mean_ablation"]["kl"],
+            "kl_random_map": self.patching["random_map"]["kl"],
+            "kl_ratio": self.kl_ratio,
+            "rouge_l": self.rouge_l,
+            "n_texts": self.n_texts,
+            "n_positions": self.n_positions,
+        }
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kl_ratio": self.kl_ratio, "rouge_l_mean": self.rouge_l}
+
+    def to_markdown(self, completions: int = 3) -> str:
+        m = self.mapper
+        lines = [
+            f"### {m['kind']} mapper: {m['src']} -> {m['tgt']}",
+            "",
+            f"{self.n_texts} held-out texts, {self.n_rows:,} paired rows (coverage src "
+            f"{self.coverage['src']:.1%} / tgt {self.coverage['tgt']:.1%}); {self.n_positions:,} target "
+            f"positions patched ({self.patched_fraction:.1%} of text tokens). Clean target CE "
+            f"{self.patching['clean']['ce']:.3f} nats.",
+            "",
+            "| replacement at the target layer | FVU | cosine | CE (nats) | KL(clean ‖ patched) |",
+            "|---|---|---|---|---|",
+        ]
+        for c in CONDITIONS:
+            r, p = self.reconstruction[c], self.patching[c]
+            lines.append(
+                f"| {c.replace('_', ' ')} | {r['fvu']:.3f} | {r['cosine']:.3f} "
+                f"| {p['ce']:.3f} | {p['kl']:.3f} |"
+            )
+        lines += ["", f"KL ratio mapped / mean-ablation: **{self.kl_ratio:.3f}**"]
+        if self.generations:
+            lines += ["", f"Greedy completions, clean vs patched (mean ROUGE-L {self.rouge_l:.3f}):", ""]
+            lines += ["| prompt | clean | patched | ROUGE-L |", "|---|---|---|---|"]
+            for g in self.generations[:completions]:
+                cells = [
+                    _cell(g["prompt"][-60:]),
+                    _cell(g["clean"]),
+                    _cell(g["patched"]),
+                    f"{g['rouge_l']:.2f}",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """Bar chart of KL and CE per replacement (matplotlib); returns the figure."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+        else:
+            fig = ax[0].figure
+        names = [c.replace("_", "\n") for c in CONDITIONS]
+        ax[0].bar(names, [self.patching[c]["kl"] for c in CONDITIONS], color=["C0", "C7", "C3"])
+        ax[0].set_ylabel("KL(clean || patched), nats")
+        ax[1].bar(
+            ["clean", *names],
+            [self.patching["clean"]["ce"], *[self.patching[c]["ce"] for c in CONDITIONS]],
+            color=["C2", "C0", "C7", "C3"],
+        )
+        ax[1].set_ylabel("next-token CE, nats")
+        fig.suptitle(f"{self.mapper['kind']}: {self.mapper['src']} -> {self.mapper['tgt']}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")[:120]
+
+
+def _random_rows(src_rows: Tensor, mapped: Tensor, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(src_rows.shape[1], mapped.shape[1], generator=g)
+    out = (src_rows - src_rows.mean(0)) @ r
+    return out * (mapped.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def _reconstruction(pred: Tensor, y: Tensor) -> dict:
+    sse = float(((pred - y) ** 2).sum())
+    sst = float(((y - y.mean(0)) ** 2).sum())
+    return {
+        "mse": sse / y.numel(),
+        "cosine": float(F.cosine_similarity(pred, y, dim=-1).mean()),
+        "fvu": sse / max(sst, 1e-30),
+    }
+
+
+def _replace_hook(replacement: Tensor, mask: Tensor) -> Callable:
+    def hook(act: Tensor, hook) -> Tensor:
+        act = act.clone()
+        act[mask] = replacement[mask].to(act.dtype)
+        return act
+
+    return hook
+
+
+def evaluate_mapper(
+    mapper: Mapper,
+    src: HookedTransformer,
+    tgt: HookedTransformer,
+    texts: Sequence[str],
+    *,
+    prompts: Sequence[str] = (),
+    max_new_tokens: int = 24,
+    batch_size: int = 2,
+    max_length: int = 256,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> MapperReport:
+    """Report card of ``mapper`` on held-out ``texts`` (never the texts it was fitted on).
+
+    Args:
+        texts: held-out texts for reconstruction and patching figures.
+        prompts: a few prompts for greedy completions, clean vs patched (ROUGE-L).
+        max_length: texts are cut to this many target tokens (logits cost ``d_vocab``
+            floats per token).
+        force: evaluate even if the models are not those the mapper was fitted between.
+
+    Example:
+        >>> report = evaluate_mapper(mapper, small, big, held_out, prompts=chat)  # doctest: +SKIP
+        >>> print(report.to_markdown())  # doctest: +SKIP
+    """
+    mapper.check_models(src, tgt, force=force)
+    if not mapper.src_hook or not mapper.tgt_hook:
+        raise ValueError("mapper.meta does not name its hooks (src/tgt 'hook'); fit it with fit_mapper")
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of held-out strings")
+    fitted_on = (mapper.meta.get("training") or {}).get("texts_fingerprint")
+    from xferlens.activations.cache import texts_fingerprint
+
+    if fitted_on is not None and fitted_on == texts_fingerprint(texts):
+        raise ValueError("these are the texts the mapper was fitted on; evaluate on held-out texts")
+    alignment = "position" if same_tokenizer(src, tgt) else "char_end"
+    pairs: Pairs = paired_activations(
+        src,
+        tgt,
+        list(texts),
+        mapper.src_hook,
+        mapper.tgt_hook,
+        alignment=alignment,
+        max_length=max_length,
+        progress=progress,
+    )
+    src_rows, tgt_rows = pairs.src.float(), pairs.tgt.float()
+    with torch.no_grad():
+        mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
+    replacements = {
+        "mapped": mapped,
+        "mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows),
+        "random_map": _random_rows(src_rows, mapped, seed),
+    }
+    recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
+    patch, n_pos, n_text_tokens = _patched_losses(
+        tgt, list(texts), pairs, replacements, mapper.tgt_hook, batch_size, max_length, progress
+    )
+    gens = [
+        _generation(mapper, src, tgt, p, alignment, max_new_tokens)
+        for p in tqdm(prompts, desc="patched generation", disable=not progress or not prompts)
+    ]
+    return MapperReport(
+        mapper={
+            "kind": mapper.kind,
+            "src": f"{src.cfg.model_name} {mapper.src_hook}",
+            "tgt": f"{tgt.cfg.model_name} {mapper.tgt_hook}",
+            "n_params": mapper.n_params,
+        },
+        n_texts=len(texts),
+        n_rows=len(pairs),
+        coverage=dict(pairs.coverage),
+        reconstruction=recon,
+        patching=patch,
+        patched_fraction=len(pairs) / max(1, n_text_tokens),
+        n_positions=n_pos,
+        generations=gens,
+    )
+
+
+def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress):
+    tk = tokenize(tgt, texts, max_length=max_length)
+    pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else 0
+    device = tgt.cfg.device
+    n_text_tokens = sum(sum(not s for s in sp) for sp in tk.special)
+    bounds = torch.searchsorted(pairs.text_index, torch.arange(len(texts) + 1))
+    sums = {"clean": {"ce": 0.0}, **{c: {"ce": 0.0, "kl": 0.0} for c in replacements}}
+    n = 0
+    bar = tqdm(total=len(texts), desc="patching", unit="text", disable=not progress)
+    for batch in length_batches([len(x) for x in tk.ids], batch_size):
+        width = max(len(tk.ids[i]) for i in batch)
+        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+        patched = torch.zeros((len(batch), width), dtype=torch.bool)
+        rows_at = torch.full((len(batch), width), -1, dtype=torch.long)
+        for r, i in enumerate(batch):
+            tokens[r, : len(tk.ids[i])] = torch.tensor(tk.ids[i])
+            rows = torch.arange(int(bounds[i]), int(bounds[i + 1]))
+            pos = pairs.tgt_position[rows]
+            patched[r, pos] = True
+            rows_at[r, pos] = rows
+        # score position t on token t+1 when t was patched and t+1 is a real token
+        lengths = torch.tensor([len(tk.ids[i]) for i in batch])
+        has_next = torch.arange(width).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        score = patched & has_next
+        nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
+        score_dev = score.to(device)
+        with torch.no_grad(), _right_padding(tgt.tokenizer):
+            clean = tgt(tokens.to(device))[score_dev].log_softmax(-1).float()
+            sums["clean"]["ce"] += float(-clean.gather(-1, nxt[:, None]).sum())
+            for c, rep in replacements.items():
+                full = torch.zeros((len(batch), width, rep.shape[1]), dtype=rep.dtype)
+                full[patched] = rep[rows_at[patched]]
+                hook = _replace_hook(full.to(device), patched.to(device))
+                with tgt.hooks(fwd_hooks=[(hook_name, hook)]):
+                    lp = tgt(tokens.to(device))[score_dev].log_softmax(-1).float()
+                sums[c]["ce"] += float(-lp.gather(-1, nxt[:, None]).sum())
+                sums[c]["kl"] += float((clean.exp() * (clean - lp)).sum())
+        n += int(score.sum())
+        bar.update(len(batch))
+    bar.close()
+    if n == 0:
+        raise ValueError("no patched position has a next token to score: use longer texts")
+    return {c: {k: v / n for k, v in d.items()} for c, d in sums.items()}, n, n_text_tokens
+
+
+def _greedy_step(mapper, src, tgt, text: str, alignment: str, patch: bool) -> int:
+    tk = tokenize(tgt, [text])
+    tokens = torch.tensor([tk.ids[0]], device=tgt.cfg.device)
+    hooks = []
+    if patch:
+        s = cache_activations(src, [text], mapper.src_hook, progress=False)
+        t = token_rows(tgt, [text])
+        si, ti = match_rows(s, t, alignment)
+        with torch.no_grad():
+            rep = mapper(s.rows()[si].float())
+        full = torch.zeros((1, tokens.shape[1], mapper.d_tgt))
+        mask = torch.zeros((1, tokens.shape[1]), dtype=torch.bool)
+        full[0, t.position[ti]] = rep
+        mask[0, t.position[ti]] = True
+        hooks = [(mapper.tgt_hook, _replace_hook(full.to(tgt.cfg.device), mask.to(tgt.cfg.device)))]
+    with torch.no_grad(), tgt.hooks(fwd_hooks=hooks):
+        logits = tgt(tokens)
+    return int(logits[0, -1].argmax())
+
+
+def _generation(mapper, src, tgt, prompt: str, alignment: str, max_new_tokens: int) -> dict:
+    """Greedy completions of ``prompt``, clean and patched. Each step re-tokenizes the
+    text so far for both models (the source must read the same text), so both
+    completions are made the same way; no KV cache."""
+    out = {"prompt": prompt}
+    eos = tgt.tokenizer.eos_token_id
+    for name, patch in (("clean", False), ("patched", True)):
+        ids: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = _greedy_step(mapper, src, tgt, prompt + tgt.tokenizer.decode(ids), alignment, patch)
+            if nxt == eos or nxt in (tgt.tokenizer.all_special_ids or []):
+                break
+            ids.append(nxt)
+        out[name] = tgt.tokenizer.decode(ids)
+    out["rouge_l"] = rouge_l(out["clean"], out["patched"])
+    return out

@@ -1,0 +1,41 @@
+"""Mappers between two models' residual streams: kinds, fitting, artifacts.
+
+>>> from xferlens.mappers import fit_mapper, load_mapper, MAPPERS  # doctest: +SKIP
+>>> sorted(MAPPERS)  # doctest: +SKIP
+['affine', 'autoencoder', 'orthogonal']
+"""
+
+from xferlens.mappers.affine import AffineConfig, AffineMapper
+from xferlens.mappers.autoencoder import AutoencoderConfig, AutoencoderMapper
+from xferlens.mappers.base import (
+    MAPPERS,
+    Mapper,
+    MapperConfig,
+    MapperMismatchError,
+    NonFiniteError,
+    PairSource,
+    register,
+)
+from xferlens.mappers.fit import fit_mapper
+from xferlens.mappers.io import MapperFileError, load_mapper, save_mapper
+from xferlens.mappers.orthogonal import OrthogonalConfig, OrthogonalMapper
+
+__all__ = [
+    "MAPPERS",
+    "AffineConfig",
+    "AffineMapper",
+    "AutoencoderConfig",
+    "AutoencoderMapper",
+    "Mapper",
+    "MapperConfig",
+    "MapperFileError",
+    "MapperMismatchError",
+    "NonFiniteError",
+    "OrthogonalConfig",
+    "OrthogonalMapper",
+    "PairSource",
+    "fit_mapper",
+    "load_mapper",
+    "register",
+    "save_mapper",
+]

@@ -1,0 +1,185 @@
+"""The ``Mapper`` base class, the kind registry, and what a mapper is fitted from.
+
+A mapper is an ``nn.Module`` taking source-model activations ``[..., d_src]`` to
+target-model activations ``[..., d_tgt]``. Each kind (``affine``, ``orthogonal``,
+``autoencoder``, ...) is one class registered under its name with a config dataclass;
+callers only see :class:`Mapper`, :func:`fit_mapper` and :func:`load_mapper`, so a new
+kind needs no change anywhere else.
+"""
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from xferlens.identity import identity_differences, model_identity
+
+logger = logging.getLogger(__name__)
+
+
+class MapperMismatchError(ValueError):
+    """A mapper (or its input) does not belong to the models or data it is used with."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf found in activations."""
+
+
+@runtime_checkable
+class PairSource(Protocol):
+    """Anything that streams paired rows: :class:`~xferlens.activations.Pairs` in memory,
+    :class:`~xferlens.activations.PairShards` on disk."""
+
+    meta: dict
+
+    @property
+    def d_src(self) -> int: ...
+
+    @property
+    def d_tgt(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple["PairSource", "PairSource"]: ...
+
+
+@dataclass
+class MapperConfig:
+    """Base of every kind's config: plain fields, round-trips through JSON."""
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MapperConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kw[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+
+MAPPERS: dict[str, type["Mapper"]] = {}
+
+
+def register(cls: type["Mapper"]) -> type["Mapper"]:
+    """Class decorator: make a mapper kind available to ``fit_mapper`` and ``load_mapper``."""
+    if not cls.kind or cls.kind in MAPPERS:
+        raise ValueError(f"mapper kind {cls.kind!r} missing or registered twice")
+    MAPPERS[cls.kind] = cls
+    return cls
+
+
+def mapper_class(kind: str) -> type["Mapper"]:
+    if kind not in MAPPERS:
+        raise ValueError(f"unknown mapper kind {kind!r}; registered kinds: {', '.join(sorted(MAPPERS))}")
+    return MAPPERS[kind]
+
+
+class Mapper(nn.Module):
+    """Base class: shape checks, dtype handling, provenance, model checks, save.
+
+    Subclasses set ``kind`` and ``config_class``, build their layers in ``__init__`` and
+    implement ``_map`` (on float32 inputs) and the classmethod ``fit``.
+    """
+
+    kind: ClassVar[str] = ""
+    config_class: ClassVar[type[MapperConfig]] = MapperConfig
+
+    def __init__(self, d_src: int, d_tgt: int, config: MapperConfig | None = None):
+        super().__init__()
+        if d_src < 1 or d_tgt < 1:
+            raise ValueError(f"d_src and d_tgt must be positive, got {d_src} and {d_tgt}")
+        self.d_src, self.d_tgt = int(d_src), int(d_tgt)
+        self.config = config if config is not None else self.config_class()
+        #: provenance: ``src``/``tgt`` (model identity + hook), ``training``, ``report``
+        self.meta: dict[str, Any] = {}
+
+    def forward(self, x: Float[Tensor, "*batch d_src"]) -> Float[Tensor, "*batch d_tgt"]:
+        if x.shape[-1] != self.d_src:
+            raise MapperMismatchError(
+                f"input has last dimension {x.shape[-1]} but this {self.kind} mapper expects d_src="
+                f"{self.d_src} ({self._side('src')}); pass activations of the source model's hook"
+            )
+        p = next(iter([*self.parameters(), *self.buffers()]))
+        y = self._map(x.to(device=p.device, dtype=p.dtype))
+        return y.to(x.dtype)
+
+    def _map(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def fit(cls, train: PairSource, val: PairSource | None, config: MapperConfig, *, progress: bool = True):
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- provenance
+
+    def _side(self, role: str) -> str:
+        m = self.meta.get(role) or {}
+        return f"{m.get('name', '?')} {m.get('hook', '')}".strip()
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
+
+    @property
+    def src_hook(self) -> str | None:
+        return (self.meta.get("src") or {}).get("hook")
+
+    @property
+    def tgt_hook(self) -> str | None:
+        return (self.meta.get("tgt") or {}).get("hook")
+
+    def check_models(
+        self, src: HookedTransformer | None, tgt: HookedTransformer | None, *, force: bool = False
+    ) -> None:
+        """Refuse models other than the ones this mapper was fitted between.
+
+        Compares names, widths, weights fingerprints and tokenizers; ``force=True`` turns
+        the refusal into a loud warning.
+        """
+        diffs = []
+        for role, model, label in (("src", src, "source"), ("tgt", tgt, "target")):
+            if model is None:
+                continue
+            if model.cfg.d_model != (self.d_src if role == "src" else self.d_tgt):
+                diffs.append(
+                    f"{label} d_model: mapper expects {self.d_src if role == 'src' else self.d_tgt}, "
+                    f"{model.cfg.model_name} has {model.cfg.d_model}"
+                )
+            recorded = {k: v for k, v in (self.meta.get(role) or {}).items() if k != "hook" and v is not None}
+            diffs += identity_differences(recorded, model_identity(model), label)
+        if not diffs:
+            return
+        msg = (
+            f"this {self.kind} mapper was fitted for {self._side('src')} -> {self._side('tgt')}, "
+            f"and the models given differ: " + "; ".join(dict.fromkeys(diffs))
+        )
+        if force:
+            warnings.warn("APPLYING A MAPPER TO MODELS IT WAS NOT FITTED FOR: " + msg, stacklevel=2)
+            logger.warning("force=True: %s", msg)
+            return
+        raise MapperMismatchError(msg + ". Pass force=True to apply it anyway.")
+
+    def save(self, folder) -> None:
+        from xferlens.mappers.io import save_mapper
+
+        save_mapper(self, folder)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d_src={self.d_src}, d_tgt={self.d_tgt}, params={self.n_params:,}"
