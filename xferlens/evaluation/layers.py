@@ -38,7 +38,7 @@ class LayerScores:
         return float(self.scores[self.src_layers.index(src_layer), self.tgt_layers.index(tgt_layer)])
 
     def recommend(
-        self, k: int = 3, depth: tuple[float, float] = (0.25, 0.75)
+        self, k: int = 3, depth: tuple[float | int, float | int] = (0.25, 0.75)
     ) -> list[tuple[int, int, float]]:
         """The ``k`` best pairs whose target layer lies within ``depth`` (fractions of the
         target's depth). Steering works in middle layers (the paper's "last steerable
