@@ -9,14 +9,24 @@ from xferlens.evaluation import evaluate_mapper, layer_pair_scores, rank_agreeme
 from xferlens.identity import model_identity
 from xferlens.mappers import AffineMapper, MapperMismatchError, fit_mapper
 
-TEXTS = [f"the {w} sat on the mat and then the {v} ate {i} apples" for i, (w, v) in
-         enumerate(zip(["cat", "dog", "hat", "owl", "fox", "bee"] * 3, ["rat", "cow", "pig"] * 6, strict=True))]
-HELD_OUT = ["an owl and a cat sat in the hat", "the fox ate the apple then the bee", "a dog, a pig and 12 cows"]
+TEXTS = [
+    f"the {w} sat on the mat and then the {v} ate {i} apples"
+    for i, (w, v) in enumerate(
+        zip(["cat", "dog", "hat", "owl", "fox", "bee"] * 3, ["rat", "cow", "pig"] * 6, strict=True)
+    )
+]
+HELD_OUT = [
+    "an owl and a cat sat in the hat",
+    "the fox ate the apple then the bee",
+    "a dog, a pig and 12 cows",
+]
 
 
 def identity_mapper(model, layer: int) -> AffineMapper:
     d = model.cfg.d_model
-    m = AffineMapper(d, d).set_solution(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
+    m = AffineMapper(d, d).set_solution(
+        torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    )
     hook = f"blocks.{layer}.hook_resid_post"
     m.meta = {"src": {**model_identity(model), "hook": hook}, "tgt": {**model_identity(model), "hook": hook}}
     return m
@@ -24,8 +34,15 @@ def identity_mapper(model, layer: int) -> AffineMapper:
 
 def test_patching_the_targets_own_activations_gives_kl_zero(tiny_tl):
     model = tiny_tl("llama")
-    report = evaluate_mapper(identity_mapper(model, 1), model, model, HELD_OUT, prompts=["the cat"],
-                             max_new_tokens=4, progress=False)
+    report = evaluate_mapper(
+        identity_mapper(model, 1),
+        model,
+        model,
+        HELD_OUT,
+        prompts=["the cat"],
+        max_new_tokens=4,
+        progress=False,
+    )
     assert report.patching["mapped"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert report.patching["mapped"]["ce"] == pytest.approx(report.patching["clean"]["ce"], abs=1e-5)
     assert report.reconstruction["mapped"]["fvu"] == pytest.approx(0.0, abs=1e-10)
@@ -106,3 +123,21 @@ def test_rouge_l():
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("the cat sat", "a dog ran") == 0.0
     assert 0 < rouge_l("the cat sat on the mat", "the cat lay on a mat") < 1
+
+
+def test_several_mappers_share_baselines_and_match_single_reports(tiny_tl):
+    from xferlens.evaluation import evaluate_mappers
+
+    src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
+    pairs = paired_activations(src, tgt, TEXTS, 1, 1, progress=False)
+    mappers = {k: fit_mapper(pairs, k, progress=False)[0] for k in ("affine", "orthogonal")}
+    both = evaluate_mappers(
+        mappers, src, tgt, HELD_OUT, prompts=["the cat"], max_new_tokens=3, progress=False
+    )
+    for k, m in mappers.items():
+        alone = evaluate_mapper(m, src, tgt, HELD_OUT, prompts=["the cat"], max_new_tokens=3, progress=False)
+        for cond, figures in alone.patching.items():
+            assert both[k].patching[cond] == pytest.approx(figures, rel=1e-6), cond
+        assert both[k].generations == alone.generations
+    assert both["affine"].patching["mean_ablation"] == both["orthogonal"].patching["mean_ablation"]
+    assert both["affine"].reconstruction["mapped"] != both["orthogonal"].reconstruction["mapped"]

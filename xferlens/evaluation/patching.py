@@ -170,6 +170,24 @@ def evaluate_mapper(
     src: HookedTransformer,
     tgt: HookedTransformer,
     texts: Sequence[str],
+    **kwargs,
+) -> MapperReport:
+    """Report card of ``mapper`` on held-out ``texts`` (never the texts it was fitted on).
+
+    Keyword arguments as for :func:`evaluate_mappers`.
+
+    Example:
+        >>> report = evaluate_mapper(mapper, small, big, held_out, prompts=chat)  # doctest: +SKIP
+        >>> print(report.to_markdown())  # doctest: +SKIP
+    """
+    return evaluate_mappers({"mapper": mapper}, src, tgt, texts, **kwargs)["mapper"]
+
+
+def evaluate_mappers(
+    mappers: dict[str, Mapper],
+    src: HookedTransformer,
+    tgt: HookedTransformer,
+    texts: Sequence[str],
     *,
     prompts: Sequence[str] = (),
     max_new_tokens: int = 24,
@@ -178,73 +196,98 @@ def evaluate_mapper(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
-) -> MapperReport:
-    """Report card of ``mapper`` on held-out ``texts`` (never the texts it was fitted on).
+) -> dict[str, MapperReport]:
+    """Report cards of several mappers between the same hooks, sharing the work they have
+    in common (pairing, the clean and mean-ablated target runs, clean completions).
 
     Args:
+        mappers: name -> mapper, all between the same source and target hooks.
         texts: held-out texts for reconstruction and patching figures.
         prompts: a few prompts for greedy completions, clean vs patched (ROUGE-L).
         max_length: texts are cut to this many target tokens (logits cost ``d_vocab``
             floats per token).
-        force: evaluate even if the models are not those the mapper was fitted between.
-
-    Example:
-        >>> report = evaluate_mapper(mapper, small, big, held_out, prompts=chat)  # doctest: +SKIP
-        >>> print(report.to_markdown())  # doctest: +SKIP
+        force: evaluate even if the models are not those a mapper was fitted between.
     """
-    mapper.check_models(src, tgt, force=force)
-    if not mapper.src_hook or not mapper.tgt_hook:
-        raise ValueError("mapper.meta does not name its hooks (src/tgt 'hook'); fit it with fit_mapper")
-    if isinstance(texts, str) or len(texts) == 0:
-        raise ValueError("texts must be a non-empty list of held-out strings")
-    fitted_on = (mapper.meta.get("training") or {}).get("texts_fingerprint")
     from xferlens.activations.cache import texts_fingerprint
 
-    if fitted_on is not None and fitted_on == texts_fingerprint(texts):
-        raise ValueError("these are the texts the mapper was fitted on; evaluate on held-out texts")
+    if not mappers:
+        raise ValueError("no mappers given")
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of held-out strings")
+    hooks = {(m.src_hook, m.tgt_hook) for m in mappers.values()}
+    if len(hooks) != 1 or None in next(iter(hooks)):
+        raise ValueError(
+            f"mappers must name the same source and target hooks (fit them with fit_mapper): {hooks}"
+        )
+    src_hook, tgt_hook = next(iter(hooks))
+    for name, mapper in mappers.items():
+        mapper.check_models(src, tgt, force=force)
+        fitted_on = (mapper.meta.get("training") or {}).get("texts_fingerprint")
+        if fitted_on is not None and fitted_on == texts_fingerprint(texts):
+            raise ValueError(
+                f"{name}: these are the texts the mapper was fitted on; evaluate on held-out texts"
+            )
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
     pairs: Pairs = paired_activations(
         src,
         tgt,
         list(texts),
-        mapper.src_hook,
-        mapper.tgt_hook,
+        src_hook,
+        tgt_hook,
         alignment=alignment,
         max_length=max_length,
         progress=progress,
     )
     src_rows, tgt_rows = pairs.src.float(), pairs.tgt.float()
-    with torch.no_grad():
-        mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
-    replacements = {
-        "mapped": mapped,
-        "mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows),
-        "random_map": _random_rows(src_rows, mapped, seed),
-    }
+    replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)}
+    for name, mapper in mappers.items():
+        with torch.no_grad():
+            mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
+        replacements[f"{name}/mapped"] = mapped
+        replacements[f"{name}/random_map"] = _random_rows(src_rows, mapped, seed)
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
     patch, n_pos, n_text_tokens = _patched_losses(
-        tgt, list(texts), pairs, replacements, mapper.tgt_hook, batch_size, max_length, progress
+        tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress
     )
-    gens = [
-        _generation(mapper, src, tgt, p, alignment, max_new_tokens)
-        for p in tqdm(prompts, desc="patched generation", disable=not progress or not prompts)
-    ]
-    return MapperReport(
-        mapper={
-            "kind": mapper.kind,
-            "src": f"{src.cfg.model_name} {mapper.src_hook}",
-            "tgt": f"{tgt.cfg.model_name} {mapper.tgt_hook}",
-            "n_params": mapper.n_params,
-        },
-        n_texts=len(texts),
-        n_rows=len(pairs),
-        coverage=dict(pairs.coverage),
-        reconstruction=recon,
-        patching=patch,
-        patched_fraction=len(pairs) / max(1, n_text_tokens),
-        n_positions=n_pos,
-        generations=gens,
-    )
+    clean_text = {
+        p: _complete(src, tgt, p, alignment, max_new_tokens, None)
+        for p in tqdm(prompts, desc="clean completions", disable=not progress or not prompts)
+    }
+    reports = {}
+    for name, mapper in mappers.items():
+        gens = []
+        for p in tqdm(prompts, desc=f"{name}: patched completions", disable=not progress or not prompts):
+            patched = _complete(src, tgt, p, alignment, max_new_tokens, mapper)
+            gens.append(
+                {
+                    "prompt": p,
+                    "clean": clean_text[p],
+                    "patched": patched,
+                    "rouge_l": rouge_l(clean_text[p], patched),
+                }
+            )
+        pick = {
+            "mean_ablation": "mean_ablation",
+            "mapped": f"{name}/mapped",
+            "random_map": f"{name}/random_map",
+        }
+        reports[name] = MapperReport(
+            mapper={
+                "kind": mapper.kind,
+                "src": f"{src.cfg.model_name} {src_hook}",
+                "tgt": f"{tgt.cfg.model_name} {tgt_hook}",
+                "n_params": mapper.n_params,
+            },
+            n_texts=len(texts),
+            n_rows=len(pairs),
+            coverage=dict(pairs.coverage),
+            reconstruction={c: recon[k] for c, k in pick.items()},
+            patching={"clean": patch["clean"], **{c: patch[k] for c, k in pick.items()}},
+            patched_fraction=len(pairs) / max(1, n_text_tokens),
+            n_positions=n_pos,
+            generations=gens,
+        )
+    return reports
 
 
 def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress):
@@ -312,19 +355,18 @@ def _greedy_step(mapper, src, tgt, text: str, alignment: str, patch: bool) -> in
     return int(logits[0, -1].argmax())
 
 
-def _generation(mapper, src, tgt, prompt: str, alignment: str, max_new_tokens: int) -> dict:
-    """Greedy completions of ``prompt``, clean and patched. Each step re-tokenizes the
-    text so far for both models (the source must read the same text), so both
-    completions are made the same way; no KV cache."""
-    out = {"prompt": prompt}
+def _complete(src, tgt, prompt: str, alignment: str, max_new_tokens: int, mapper: Mapper | None) -> str:
+    """Greedy completion of ``prompt`` by the target, patched through ``mapper`` (``None``:
+    clean). Each step re-tokenizes the text so far for both models (the source must read
+    the same text), so clean and patched completions are made the same way; no KV cache."""
     eos = tgt.tokenizer.eos_token_id
-    for name, patch in (("clean", False), ("patched", True)):
-        ids: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = _greedy_step(mapper, src, tgt, prompt + tgt.tokenizer.decode(ids), alignment, patch)
-            if nxt == eos or nxt in (tgt.tokenizer.all_special_ids or []):
-                break
-            ids.append(nxt)
-        out[name] = tgt.tokenizer.decode(ids)
-    out["rouge_l"] = rouge_l(out["clean"], out["patched"])
-    return out
+    special = set(tgt.tokenizer.all_special_ids or [])
+    ids: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = _greedy_step(
+            mapper, src, tgt, prompt + tgt.tokenizer.decode(ids), alignment, mapper is not None
+        )
+        if nxt == eos or nxt in special:
+            break
+        ids.append(nxt)
+    return tgt.tokenizer.decode(ids)
