@@ -289,3 +289,18 @@ def test_identity_affine_mapper_is_a_plain_linear():
     )
     x = torch.randn(2, 3, 4)
     assert torch.equal(m(x), x)
+
+
+def test_live_pairs_equal_cached_pairs(tiny_tl):
+    from xferlens.activations import LivePairs
+
+    src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
+    mem = paired_activations(src, tgt, TEXTS, 1, 2, progress=False)
+    live = LivePairs(src, tgt, TEXTS, 1, 2, chunk_texts=5)
+    assert len(live) == len(mem) and (live.d_src, live.d_tgt) == (mem.d_src, mem.d_tgt)
+    xs, ys = zip(*live.batches(50), strict=True)
+    assert torch.equal(torch.cat(xs), mem.src) and torch.equal(torch.cat(ys), mem.tgt)
+    (lt, lv), (mt, mv) = live.split(0.25, seed=1), mem.split(0.25, seed=1)
+    assert sorted(lv.ids) == torch.unique(mv.text_index).tolist() and len(lt) == len(mt)
+    shuffled = torch.cat([x for x, _ in live.batches(7, shuffle=True, seed=0)])
+    assert shuffled.shape == mem.src.shape and not torch.equal(shuffled, mem.src)

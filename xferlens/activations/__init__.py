@@ -11,6 +11,7 @@ from xferlens.activations.cache import (
     token_rows,
 )
 from xferlens.activations.hooks import resid_post, resolve_hooks
+from xferlens.activations.live import LivePairs
 from xferlens.activations.pair_shards import PairShards, pairs_to_disk
 from xferlens.activations.shards import ShardedActivations, ShardError, cache_to_disk
 
@@ -29,6 +30,7 @@ __all__ = [
     "resid_post",
     "resolve_hooks",
     "save_activation_set",
+    "LivePairs",
     "PairShards",
     "pairs_to_disk",
     "ShardedActivations",

@@ -194,6 +194,7 @@ def evaluate_mappers(
     batch_size: int = 2,
     max_length: int = 256,
     seed: int = 0,
+    controls: bool = True,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, MapperReport]:
@@ -206,6 +207,8 @@ def evaluate_mappers(
         prompts: a few prompts for greedy completions, clean vs patched (ROUGE-L).
         max_length: texts are cut to this many target tokens (logits cost ``d_vocab``
             floats per token).
+        controls: also run the mean-ablation and random-map baselines (``False``: only
+            the mapped patch, e.g. to rank many layer pairs; their figures are then NaN).
         force: evaluate even if the models are not those a mapper was fitted between.
     """
     from xferlens.activations.cache import texts_fingerprint
@@ -239,16 +242,23 @@ def evaluate_mappers(
         progress=progress,
     )
     src_rows, tgt_rows = pairs.src.float(), pairs.tgt.float()
-    replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)}
+    replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)} if controls else {}
     for name, mapper in mappers.items():
         with torch.no_grad():
             mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
         replacements[f"{name}/mapped"] = mapped
-        replacements[f"{name}/random_map"] = _random_rows(src_rows, mapped, seed)
+        if controls:
+            replacements[f"{name}/random_map"] = _random_rows(src_rows, mapped, seed)
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
     patch, n_pos, n_text_tokens = _patched_losses(
         tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress
     )
+    if not controls:
+        nan = float("nan")
+        for name in mappers:
+            for c in ("mean_ablation", f"{name}/random_map"):
+                recon[c] = {"mse": nan, "cosine": nan, "fvu": nan}
+                patch[c] = {"ce": nan, "kl": nan}
     clean_text = {
         p: _complete(src, tgt, p, alignment, max_new_tokens, None)
         for p in tqdm(prompts, desc="clean completions", disable=not progress or not prompts)
