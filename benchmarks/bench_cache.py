@@ -11,7 +11,8 @@ Target: (c) >= 0.9 x (a) x n_layers / (layer + 1).
 Part 2, memory of ``cache_to_disk`` streaming one layer (``--layer``, default 12; float16) of
 qwen2.5-coder-0.5b-instruct (float32 weights, 2.35 GiB) over the default corpus, for
 growing token counts, each in a fresh process: RSS sampled every 50 ms while caching,
-against the RSS just before. It must not grow with the corpus.
+against the RSS just before, split into anonymous memory (heap: activations, buffers) and
+file-backed pages (the memory-mapped converted weights). It must not grow with the corpus.
 
     python benchmarks/bench_cache.py [--tokens 20000 100000 1000000] [--out benchmarks/cache.json]
 """
@@ -101,12 +102,21 @@ while total < n_tokens:  # the corpus holds ~0.99M Qwen tokens: 1M tokens go rou
         texts.append(t)
         total += len(model.tokenizer(t)["input_ids"])
 proc = psutil.Process()
+def status():  # resident anonymous memory (heap) vs file-backed pages (the mmapped weights)
+    f = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+    return {k: int(v.split()[0]) * 1024 for k, v in f.items()}
 base = proc.memory_info().rss
+base_parts = status()
 peak = [base]
+peak_parts = dict(base_parts)
 done = threading.Event()
 def sample():
     while not done.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
+        rss = proc.memory_info().rss
+        parts = status()
+        for k, v in parts.items():
+            peak_parts[k] = max(peak_parts.get(k, 0), v)
+        peak[0] = max(peak[0], rss)
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
@@ -122,6 +132,10 @@ print(json.dumps({"layer": layer, "tokens": total, "texts": len(texts), "corpus_
                   "rss_before_caching_gib": round(base / 2**30, 2),
                   "peak_rss_while_caching_gib": round(peak[0] / 2**30, 2),
                   "added_by_caching_gib": round((peak[0] - base) / 2**30, 2),
+                  "anon_before_gib": round(base_parts.get("RssAnon", 0) / 2**30, 2),
+                  "peak_anon_gib": round(peak_parts.get("RssAnon", 0) / 2**30, 2),
+                  "file_before_gib": round(base_parts.get("RssFile", 0) / 2**30, 2),
+                  "peak_file_gib": round(peak_parts.get("RssFile", 0) / 2**30, 2),
                   "process_max_rss_gib": round(
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 """
