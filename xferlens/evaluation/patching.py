@@ -22,9 +22,9 @@ from transformer_lens import HookedTransformer
 
 from xferlens.activations import (
     Pairs,
+    align_sets,
     cache_activations,
     match_rows,
-    paired_activations,
     same_tokenizer,
     token_rows,
 )
@@ -83,7 +83,8 @@ class MapperReport:
     def to_markdown(self, completions: int = 3) -> str:
         m = self.mapper
         lines = [
-            f"### {m['kind']} mapper: {m['src']} -> {m['tgt']}",
+            f"### {m.get('name', m['kind'])} ({m['kind']}, {m['n_params']:,} parameters): "
+            f"{m['src']} -> {m['tgt']}",
             "",
             f"{self.n_texts} held-out texts, {self.n_rows:,} paired rows (coverage src "
             f"{self.coverage['src']:.1%} / tgt {self.coverage['tgt']:.1%}); {self.n_positions:,} target "
@@ -130,7 +131,8 @@ class MapperReport:
             color=["C2", "C0", "C7", "C3"],
         )
         ax[1].set_ylabel("next-token CE, nats")
-        fig.suptitle(f"{self.mapper['kind']}: {self.mapper['src']} -> {self.mapper['tgt']}", fontsize=9)
+        name = self.mapper.get("name", self.mapper["kind"])
+        fig.suptitle(f"{name}: {self.mapper['src']} -> {self.mapper['tgt']}", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -180,7 +182,7 @@ def evaluate_mapper(
         >>> report = evaluate_mapper(mapper, small, big, held_out, prompts=chat)  # doctest: +SKIP
         >>> print(report.to_markdown())  # doctest: +SKIP
     """
-    return evaluate_mappers({"mapper": mapper}, src, tgt, texts, **kwargs)["mapper"]
+    return evaluate_mappers({mapper.kind: mapper}, src, tgt, texts, **kwargs)[mapper.kind]
 
 
 def evaluate_mappers(
@@ -198,11 +200,12 @@ def evaluate_mappers(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, MapperReport]:
-    """Report cards of several mappers between the same hooks, sharing the work they have
-    in common (pairing, the clean and mean-ablated target runs, clean completions).
+    """Report cards of several mappers into the same target hook, sharing the work they
+    have in common (caching, pairing, the clean and mean-ablated target runs, clean
+    completions).
 
     Args:
-        mappers: name -> mapper, all between the same source and target hooks.
+        mappers: name -> mapper; all map into the same target hook, from any source hooks.
         texts: held-out texts for reconstruction and patching figures.
         prompts: a few prompts for greedy completions, clean vs patched (ROUGE-L).
         max_length: texts are cut to this many target tokens (logits cost ``d_vocab``
@@ -217,12 +220,13 @@ def evaluate_mappers(
         raise ValueError("no mappers given")
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts must be a non-empty list of held-out strings")
-    hooks = {(m.src_hook, m.tgt_hook) for m in mappers.values()}
-    if len(hooks) != 1 or None in next(iter(hooks)):
+    tgt_hooks = {m.tgt_hook for m in mappers.values()}
+    if len(tgt_hooks) != 1 or None in tgt_hooks or any(m.src_hook is None for m in mappers.values()):
         raise ValueError(
-            f"mappers must name the same source and target hooks (fit them with fit_mapper): {hooks}"
+            f"mappers must name their hooks and share the target hook (fit them with fit_mapper): {tgt_hooks}"
         )
-    src_hook, tgt_hook = next(iter(hooks))
+    (tgt_hook,) = tgt_hooks
+    src_hooks = list(dict.fromkeys(m.src_hook for m in mappers.values()))
     for name, mapper in mappers.items():
         mapper.check_models(src, tgt, force=force)
         fitted_on = (mapper.meta.get("training") or {}).get("texts_fingerprint")
@@ -231,19 +235,16 @@ def evaluate_mappers(
                 f"{name}: these are the texts the mapper was fitted on; evaluate on held-out texts"
             )
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
-    pairs: Pairs = paired_activations(
-        src,
-        tgt,
-        list(texts),
-        src_hook,
-        tgt_hook,
-        alignment=alignment,
-        max_length=max_length,
-        progress=progress,
-    )
-    src_rows, tgt_rows = pairs.src.float(), pairs.tgt.float()
+    kw = dict(max_length=max_length, progress=progress)
+    a = cache_activations(src, list(texts), src_hooks, **kw)
+    b = cache_activations(tgt, list(texts), tgt_hook, **kw)
+    # the pairing depends on tokens only: every source hook gets the same rows
+    by_hook: dict[str, Pairs] = {h: align_sets(a, b, h, tgt_hook, alignment) for h in src_hooks}
+    pairs = by_hook[src_hooks[0]]
+    tgt_rows = pairs.tgt.float()
     replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)} if controls else {}
     for name, mapper in mappers.items():
+        src_rows = by_hook[mapper.src_hook].src.float()
         with torch.no_grad():
             mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
         replacements[f"{name}/mapped"] = mapped
@@ -283,8 +284,9 @@ def evaluate_mappers(
         }
         reports[name] = MapperReport(
             mapper={
+                "name": name,
                 "kind": mapper.kind,
-                "src": f"{src.cfg.model_name} {src_hook}",
+                "src": f"{src.cfg.model_name} {mapper.src_hook}",
                 "tgt": f"{tgt.cfg.model_name} {tgt_hook}",
                 "n_params": mapper.n_params,
             },
