@@ -166,6 +166,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     if not args.skip_throughput:
         result["throughput"] = throughput()
