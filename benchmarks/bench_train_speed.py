@@ -25,12 +25,12 @@ PAIRS = {
     "qwen": ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", 12, 14),
 }
 CONFIGS = {
-    "xferlens default (affine skip, batch 256, lr 1e-3)": {"max_epochs": 20, "patience": 3},
+    "xferlens default (affine skip, batch 256, lr 1e-3)": {"max_epochs": 15, "patience": 3},
     "paper (no skip, batch 16, lr 1e-4)": {
         "affine_skip": False,
         "lr": 1e-4,
         "batch_size": 16,
-        "max_epochs": 8,
+        "max_epochs": 4,
         "patience": 3,
     },
 }
