@@ -21,7 +21,7 @@ from transformer_lens import HookedTransformer
 from xferlens.activations.hooks import HookSpec, resolve_hooks, stop_layer
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, tokenize
-from xferlens.identity import tokenizer_fingerprint, weights_fingerprint
+from xferlens.identity import model_identity
 from xferlens.types import CharSpans, HookRows, RowIndex
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,12 +120,13 @@ def _selection(text: str, spans, special, positions: Selector, drop_special: boo
 
 
 def model_meta(model: HookedTransformer) -> dict:
+    ident = model_identity(model)
     return {
-        "model": model.cfg.model_name,
-        "fingerprint": weights_fingerprint(model),
-        "tokenizer": tokenizer_fingerprint(model),
-        "n_layers": model.cfg.n_layers,
-        "d_model": model.cfg.d_model,
+        "model": ident["name"],
+        "fingerprint": ident["weights"],
+        "tokenizer": ident["tokenizer"],
+        "n_layers": ident["n_layers"],
+        "d_model": ident["d_model"],
     }
 
 

@@ -8,7 +8,6 @@ staged, hashed, renamed into place. :class:`PairShards` reads them back as a
 text, or everything in memory as :class:`~xferlens.activations.Pairs`.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -25,7 +23,7 @@ from transformer_lens import HookedTransformer
 from xferlens.activations.align import Pairs, paired_activations
 from xferlens.activations.cache import storage_dtype, texts_fingerprint
 from xferlens.activations.positions import Selector
-from xferlens.activations.shards import ShardError, _sha256
+from xferlens.activations.shards import ShardError, _sha256, read_manifest, read_verified_shard
 from xferlens.safetensors_io import save_streaming
 
 FORMAT = "xferlens.pair-shards/1"
@@ -150,20 +148,7 @@ class PairShards:
 
     def __init__(self, folder: str | os.PathLike, *, texts: Tensor | None = None):
         self.folder = Path(folder)
-        mpath = self.folder / "manifest.json"
-        if not mpath.is_file():
-            raise ShardError(f"{self.folder} has no manifest.json: not a finished pair-shard folder")
-        m = json.loads(mpath.read_text())
-        if m.get("format") != FORMAT:
-            raise ShardError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT!r}")
-        listed = {s["file"] for s in m["shards"]}
-        present = {p.name for p in self.folder.glob("shard-*.safetensors")}
-        if listed != present:
-            raise ShardError(
-                f"{self.folder}: shards on disk do not match the manifest "
-                f"(missing: {sorted(listed - present)}, "
-                f"not in manifest: {sorted(present - listed)}); refusing to mix"
-            )
+        m = read_manifest(self.folder, FORMAT)
         for s in m["shards"]:
             size = (self.folder / s["file"]).stat().st_size
             if size != s["bytes"]:
@@ -202,13 +187,7 @@ class PairShards:
         )
 
     def read_shard(self, i: int) -> dict[str, Tensor]:
-        s = self.meta["shards"][i]
-        raw = (self.folder / s["file"]).read_bytes()
-        if hashlib.sha256(raw).hexdigest() != s["sha256"]:
-            raise ShardError(
-                f"{self.folder / s['file']}: sha256 differs from the manifest: altered or corrupted"
-            )
-        t = load_bytes(raw)
+        t = read_verified_shard(self.folder, self.meta["shards"][i])
         if self.text_mask is not None:
             keep = self.text_mask[t["text_index"]]
             t = {k: v[keep] for k, v in t.items()}

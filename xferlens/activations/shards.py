@@ -55,6 +55,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_manifest(folder: Path, fmt: str) -> dict:
+    """The manifest of a finished shard folder, refusing a wrong format or a shard set on
+    disk that differs from the one listed (missing or extra files are never mixed in)."""
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        raise ShardError(f"{folder} has no manifest.json: not a finished shard folder")
+    m = json.loads(mpath.read_text())
+    if m.get("format") != fmt:
+        raise ShardError(f"{mpath}: format {m.get('format')!r}, expected {fmt!r}")
+    listed = {s["file"] for s in m["shards"]}
+    present = {p.name for p in folder.glob("shard-*.safetensors")}
+    if listed != present:
+        raise ShardError(
+            f"{folder}: shards on disk do not match the manifest (missing: "
+            f"{sorted(listed - present)}, not in manifest: {sorted(present - listed)}); refusing to mix"
+        )
+    return m
+
+
+def read_verified_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
+    """One shard's tensors, after checking its sha256 against the manifest entry."""
+    raw = (folder / entry["file"]).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise ShardError(f"{folder / entry['file']}: sha256 differs from the manifest: altered or corrupted")
+    return load_bytes(raw)
+
+
 def cache_to_disk(
     model: HookedTransformer,
     texts: Sequence[str],
@@ -163,19 +190,8 @@ class ShardedActivations:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self.manifest = m = read_manifest(self.folder, FORMAT)
         mpath = self.folder / "manifest.json"
-        if not mpath.is_file():
-            raise ShardError(f"{self.folder} has no manifest.json: not a finished shard folder")
-        self.manifest = m = json.loads(mpath.read_text())
-        if m.get("format") != FORMAT:
-            raise ShardError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT!r}")
-        listed = {s["file"] for s in m["shards"]}
-        present = {p.name for p in self.folder.glob("shard-*.safetensors")}
-        if listed != present:
-            raise ShardError(
-                f"{self.folder}: shards on disk do not match the manifest (missing: "
-                f"{sorted(listed - present)}, not in manifest: {sorted(present - listed)}); refusing to mix"
-            )
         if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
             raise ShardError(f"{mpath}: shard row counts do not add up to n_rows={m['n_rows']}")
         for s in m["shards"]:
@@ -215,13 +231,7 @@ class ShardedActivations:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
     def read_shard(self, i: int) -> dict[str, Tensor]:
-        s = self.manifest["shards"][i]
-        raw = (self.folder / s["file"]).read_bytes()
-        if hashlib.sha256(raw).hexdigest() != s["sha256"]:
-            raise ShardError(
-                f"{self.folder / s['file']}: sha256 differs from the manifest: altered or corrupted"
-            )
-        return load_bytes(raw)
+        return read_verified_shard(self.folder, self.manifest["shards"][i])
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, hooks: Sequence[str] | None = None
