@@ -66,6 +66,7 @@ class AffineMapper(Mapper):
     """``y = x W + b`` (a single ``nn.Linear``)."""
 
     kind = "affine"
+    is_linear = True
     config_class = AffineConfig
 
     def __init__(self, d_src: int, d_tgt: int, config: AffineConfig | None = None):

@@ -100,6 +100,8 @@ class Mapper(nn.Module):
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[MapperConfig]] = MapperConfig
+    #: ``M(x + v) - M(x)`` is the same for every ``x`` (affine maps): vectors transfer exactly
+    is_linear: ClassVar[bool] = False
 
     def __init__(self, d_src: int, d_tgt: int, config: MapperConfig | None = None):
         super().__init__()

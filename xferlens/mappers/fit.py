@@ -18,6 +18,17 @@ def _side_meta(meta: dict, role: str) -> dict:
     }
 
 
+def row_norms(pairs: PairSource, batch_size: int = 8192) -> dict:
+    """Mean L2 norm of the source and target rows (``src_norm``, ``tgt_norm``): the typical
+    activation scale on each side, which ``transfer`` uses to recalibrate vector norms."""
+    n, s, t = 0, 0.0, 0.0
+    for x, y in pairs.batches(batch_size):
+        n += len(x)
+        s += float(x.float().norm(dim=-1).double().sum())
+        t += float(y.float().norm(dim=-1).double().sum())
+    return {"src_norm": s / max(n, 1), "tgt_norm": t / max(n, 1)}
+
+
 def fit_mapper(
     pairs: PairSource,
     kind: str = "affine",
@@ -79,6 +90,7 @@ def fit_mapper(
             "alignment": getattr(pairs, "alignment", meta.get("alignment")),
             "coverage": getattr(pairs, "coverage", meta.get("coverage")),
             **{k: meta.get(k) for k in ("n_texts", "texts_fingerprint", "positions")},
+            **row_norms(train),
         },
         "history": {k: v for k, v in history.items() if k not in ("records", "candidates")},
     }

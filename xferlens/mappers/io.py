@@ -6,40 +6,26 @@ the weights file. Loading checks the hash before reading a byte of tensor data, 
 truncated or altered weights file is refused with the folder named; no pickle anywhere.
 """
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
+from xferlens.artifacts import ArtifactError, read_artifact, write_artifact
 from xferlens.mappers.base import Mapper, mapper_class
 
 FORMAT = "xferlens.mapper/1"
+STEM = "mapper"
 WEIGHTS = "mapper.safetensors"
 HEADER = "mapper.json"
 
 
-class MapperFileError(ValueError):
+class MapperFileError(ArtifactError):
     pass
 
 
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {k: version(k) for k in ("xferlens", "torch", "transformer-lens")}
-
-
 def save_mapper(mapper: Mapper, folder: str | os.PathLike) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in mapper.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".partial")
-    save_file(tensors, tmp)
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
     header = {
         "format": FORMAT,
         "kind": mapper.kind,
@@ -47,13 +33,8 @@ def save_mapper(mapper: Mapper, folder: str | os.PathLike) -> Path:
         "d_tgt": mapper.d_tgt,
         "config": mapper.config.to_dict(),
         "meta": mapper.meta,
-        "weights_sha256": sha,
-        "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "versions": _versions(),
     }
-    os.replace(tmp, folder / WEIGHTS)
-    (folder / HEADER).write_text(json.dumps(header, indent=1, default=float))
-    return folder
+    return write_artifact(folder, STEM, mapper.state_dict(), header)
 
 
 def load_mapper(
@@ -69,32 +50,16 @@ def load_mapper(
     When ``src``/``tgt`` are given, refuse them unless they are the models the mapper was
     fitted between (``force=True``: warn loudly instead).
     """
-    folder = Path(folder)
-    hpath, wpath = folder / HEADER, folder / WEIGHTS
-    if not hpath.is_file() or not wpath.is_file():
-        raise MapperFileError(f"{folder} is not a mapper folder: it needs {HEADER} and {WEIGHTS}")
-    try:
-        header = json.loads(hpath.read_text())
-    except json.JSONDecodeError as e:
-        raise MapperFileError(f"{hpath} is not valid JSON ({e}); the artifact is corrupted") from e
-    if header.get("format") != FORMAT:
-        raise MapperFileError(f"{hpath}: format {header.get('format')!r}, expected {FORMAT!r}")
-    raw = wpath.read_bytes()
-    sha = hashlib.sha256(raw).hexdigest()
-    if sha != header.get("weights_sha256"):
-        raise MapperFileError(
-            f"{wpath}: sha256 {sha[:12]}… does not match {HEADER} "
-            f"({str(header.get('weights_sha256'))[:12]}…): "
-            "the weights were truncated or altered; get the artifact again"
-        )
+    header, tensors = read_artifact(folder, STEM, FORMAT, MapperFileError)
     cls = mapper_class(header["kind"])
     config = cls.config_class.from_dict(header["config"])
     mapper = cls(header["d_src"], header["d_tgt"], config)
-    tensors = load_bytes(raw)
     try:
         mapper.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise MapperFileError(f"{wpath}: tensors do not fit a {header['kind']} mapper: {e}") from e
+        raise MapperFileError(
+            f"{Path(folder) / WEIGHTS}: tensors do not fit a {header['kind']} mapper: {e}"
+        ) from e
     mapper.meta = header.get("meta", {})
     mapper.to(device)
     mapper.check_models(src, tgt, force=force)

