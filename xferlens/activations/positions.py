@@ -46,3 +46,31 @@ def after(s: str) -> Callable[[str, Spans], list[bool]]:
 
 def describe(selector: Selector) -> str:
     return selector if isinstance(selector, str) else getattr(selector, "__name__", repr(selector))
+
+
+def from_token(k: int) -> Callable[[str, Spans], list[bool]]:
+    """Every token from the ``k``-th on (``from_token(1)`` drops the first token, whose
+    activations in many models have a huge norm and carry no content: an attention sink)."""
+    if k < 0:
+        raise ValueError(f"from_token needs k >= 0, got {k}")
+
+    def select(text: str, spans: Spans) -> list[bool]:
+        return [i >= k for i in range(len(spans))]
+
+    select.__name__ = f"from_token({k})"
+    return select
+
+
+def content(
+    chat_marker: str = "<|im_start|>user\n", skip_first: int = 1
+) -> Callable[[str, Spans], list[bool]]:
+    """The tokens worth fitting a mapper on: in chat-formatted text, those after
+    ``chat_marker`` (the shared system prefix carries no information); in plain text,
+    all but the first ``skip_first`` (attention-sink positions)."""
+    chat, plain = after(chat_marker), from_token(skip_first)
+
+    def select(text: str, spans: Spans) -> list[bool]:
+        return chat(text, spans) if chat_marker in text else plain(text, spans)
+
+    select.__name__ = f"content({chat_marker!r}, skip_first={skip_first})"
+    return select

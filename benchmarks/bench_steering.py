@@ -1,0 +1,299 @@
+"""Refusal steering transferred from Qwen2.5-Coder 0.5B to 1.5B (issue 5), with controls.
+
+    python benchmarks/bench_steering.py            # the issue's table (>= 50 eval prompts each)
+    python benchmarks/bench_steering.py --eval 8 --alphas 1   # a quick look
+
+1. Refusal vectors by difference of means (harmful - harmless, last prompt token) from
+   disjoint *training* prompts: the source's at ``--src-layer``, the target's own at
+   ``--tgt-layer``.
+2. An affine map src -> tgt at those layers, fitted on general text plus the training
+   prompts (content tokens only: no system prefix, no attention-sink first token), ridge
+   chosen on held-out text. The source vector is carried through it, raw and with its norm
+   recalibrated.
+3. On *evaluation* prompts: adding each vector to harmless prompts at every alpha of the
+   sweep (refusal rate should rise), and ablating it at every layer on harmful prompts
+   (refusal rate should fall); always beside no steering and a random vector of the
+   native vector's norm; perplexity of each condition on general text.
+4. Throughput of batched steered generation against HF ``generate`` on the same prompts.
+
+Writes ``benchmarks/steering_qwen.json`` / ``.md``, figures, and every completion to
+``benchmarks/steering_completions_qwen.jsonl`` (for checking the refusal judge by hand).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import torch  # noqa: E402
+
+from xferlens import chat_prompts, data, load_model, zoo  # noqa: E402
+from xferlens.activations import paired_activations, positions  # noqa: E402
+from xferlens.evaluation import evaluate_steering  # noqa: E402
+from xferlens.mappers import fit_mapper  # noqa: E402
+from xferlens.paths import home  # noqa: E402
+from xferlens.steering import diff_of_means, generate, transfer  # noqa: E402
+
+SRC, TGT = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+
+
+def hf_throughput(name: str, prompts: list[str], max_new_tokens: int, batch_size: int) -> dict:
+    """Batched greedy generation: xferlens (TransformerLens, KV cache, a zero steering hook)
+    against HF ``generate`` on the same prompts, same batch size."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = zoo.hf_dir(name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    new_hf = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(
+                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            out = hf.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            new_hf += int((~torch.isin(new, torch.tensor([tok.pad_token_id, tok.eos_token_id]))).sum())
+    t_hf = time.perf_counter() - t0
+    del hf
+    model = load_model(name, device="cpu", progress=False)
+    v = diff_of_means(model, prompts[:4], prompts[4:8], hooks=model.cfg.n_layers // 2)
+    t0 = time.perf_counter()
+    outs = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        vector=v,
+        alpha=0.0,
+        progress=False,
+    )
+    t_xl = time.perf_counter() - t0
+    new_xl = sum(len(model.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs)
+    return {
+        "model": name,
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "hf_seconds": t_hf,
+        "hf_new_tokens": new_hf,
+        "hf_tok_per_s": new_hf / t_hf,
+        "xferlens_seconds": t_xl,
+        "xferlens_new_tokens": new_xl,
+        "xferlens_tok_per_s": new_xl / t_xl,
+        "ratio": (new_xl / t_xl) / (new_hf / t_hf),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=64, help="prompts per set for building vectors")
+    ap.add_argument("--eval", type=int, default=50, help="prompts per set for evaluation")
+    ap.add_argument("--fit-texts", type=int, default=200, help="general texts for the mapper fit")
+    ap.add_argument("--src-layer", type=int, default=10)
+    ap.add_argument("--tgt-layer", type=int, default=12)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--ppl-texts", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--skip-throughput", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        timing[name] = round(time.perf_counter() - t0, 1)
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {name}: {timing[name]} s", flush=True)
+
+    t0 = time.perf_counter()
+    src = load_model(SRC, device="cpu", progress=False)
+    tgt = load_model(TGT, device="cpu", progress=False)
+    lap("load models", t0)
+    n_tr, n_ev = args.train, args.eval
+    harmful = data.harmful_prompts()
+    harmful_train, harmful_eval = harmful.split(0.5, seed=0)
+    harmless = data.harmless_prompts(n=4 * (n_tr + n_ev), seed=1)
+    harmless_train, harmless_eval = harmless.split(0.5, seed=0)
+    h_tr, h_ev = list(harmful_train)[:n_tr], list(harmful_eval)[:n_ev]
+    s_tr, s_ev = list(harmless_train)[:n_tr], list(harmless_eval)[:n_ev]
+    assert not (set(h_tr) & set(h_ev)) and not (set(s_tr) & set(s_ev))
+    held_out = set(h_ev) | set(s_ev)
+    corpus = [t for t in data.default_corpus(None).texts[2000:] if t not in held_out]
+    fit_texts = corpus[: args.fit_texts]
+    ppl_texts = data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]
+
+    def chat(model, xs):
+        return chat_prompts(model, xs)
+
+    # 1. vectors from training prompts
+    t0 = time.perf_counter()
+    v_src = diff_of_means(src, chat(src, h_tr), chat(src, s_tr), hooks=args.src_layer)
+    v_native = diff_of_means(tgt, chat(tgt, h_tr), chat(tgt, s_tr), hooks=args.tgt_layer)
+    lap("build vectors", t0)
+
+    # 2. the map, and the transferred vectors
+    t0 = time.perf_counter()
+    pairs = paired_activations(
+        src,
+        tgt,
+        fit_texts + chat(src, h_tr) + chat(src, s_tr),
+        args.src_layer,
+        args.tgt_layer,
+        positions=positions.content(),
+        progress=False,
+    )
+    lap("cache mapper pairs", t0)
+    t0 = time.perf_counter()
+    mapper, hist = fit_mapper(pairs, "affine", progress=False)
+    lap("fit affine", t0)
+    mapper.save(home() / "runs" / "bench-steering-qwen" / "mapper")
+    v_tr = transfer(v_src, mapper)
+    v_tr_rc = transfer(v_src, mapper, recalibrate=True)
+    v_tr_rc.save(home() / "runs" / "bench-steering-qwen" / "transferred-recalibrated")
+    cos = float(torch.nn.functional.cosine_similarity(v_tr.direction(), v_native.direction(), dim=0))
+    vectors = {"native": v_native, "transferred": v_tr, "transferred (recalibrated)": v_tr_rc}
+    val_best = min(hist["candidates"], key=lambda r: r["val_mse"])
+
+    # 3. add on harmless prompts; ablate at every layer on harmful prompts
+    t0 = time.perf_counter()
+    add = evaluate_steering(
+        tgt,
+        chat(tgt, s_ev),
+        vectors,
+        alphas=args.alphas,
+        mode="add",
+        judge="refusal",
+        ppl_texts=ppl_texts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    lap("add on harmless prompts", t0)
+    t0 = time.perf_counter()
+    ablate = evaluate_steering(
+        tgt,
+        chat(tgt, h_ev),
+        vectors,
+        alphas=[1.0],
+        mode="ablate",
+        layers="all",
+        judge="refusal",
+        ppl_texts=ppl_texts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    lap("ablate on harmful prompts", t0)
+    for name, rep in (("add", add), ("ablate", ablate)):
+        fig = rep.plot()
+        fig.savefig(f"benchmarks/figures/steering_{name}_qwen.png", dpi=110, bbox_inches="tight")
+
+    # 4. throughput
+    thr = None
+    if not args.skip_throughput:
+        t0 = time.perf_counter()
+        del src, tgt
+        thr = hf_throughput(
+            SRC, chat_prompts(load_model(SRC, device="cpu", progress=False), s_ev[:32]), 32, 16
+        )
+        lap("throughput vs HF generate", t0)
+
+    with open("benchmarks/steering_completions_qwen.jsonl", "w") as f:
+        for mode, rep, prompts in (("add", add, s_ev), ("ablate", ablate, h_ev)):
+            for r in rep.rows:
+                for p, c, h in zip(prompts, r["completions"], r["hits"], strict=True):
+                    f.write(
+                        json.dumps(
+                            {
+                                "mode": mode,
+                                "label": r["label"],
+                                "alpha": r["alpha"],
+                                "prompt": p,
+                                "completion": c,
+                                "judge": h,
+                            }
+                        )
+                        + "\n"
+                    )
+
+    def slim(rep):
+        return {
+            "meta": rep.meta,
+            "rows": [{k: v for k, v in r.items() if k not in ("completions", "hits")} for r in rep.rows],
+        }
+
+    ratios = {k: add.ratio(k, "native") for k in ("transferred", "transferred (recalibrated)")}
+    none_ab = ablate.rate("none")
+    removal = {
+        k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
+        if none_ab > ablate.rate("native", 1.0)
+        else float("nan")
+        for k in ("transferred", "transferred (recalibrated)", "random")
+    }
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "src": f"{SRC} L{args.src_layer}",
+        "tgt": f"{TGT} L{args.tgt_layer}",
+        "args": vars(args),
+        "vectors": {
+            k: {"norm": v.norm(), "relative_norm": v.relative_norm(), "recipe_method": v.recipe.get("method")}
+            for k, v in {"source": v_src, **vectors}.items()
+        },
+        "cosine_transferred_vs_native": cos,
+        "mapper": {
+            "rows": len(pairs),
+            "ridge": hist["ridge"],
+            "val_fvu": val_best["val_fvu"],
+            "val_mse": val_best["val_mse"],
+        },
+        "add": slim(add),
+        "ablate": slim(ablate),
+        "add_ratio_to_native": ratios,
+        "ablate_removal_relative_to_native": removal,
+        "throughput": thr,
+        "seconds": timing,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    Path("benchmarks/steering_qwen.json").write_text(json.dumps(result, indent=1, default=float))
+    lines = [
+        f"# Refusal: {SRC} L{args.src_layer} -> {TGT} L{args.tgt_layer}",
+        "",
+        f"affine map: {len(pairs)} rows, ridge {hist['ridge']:g}, validation FVU {val_best['val_fvu']:.3f}; "
+        f"cosine(transferred, native) = {cos:.3f}",
+        "",
+        "## Adding the vector to harmless prompts (refusal rate; higher = steering works)",
+        "",
+        add.to_markdown(),
+        "",
+        "transferred / native refusal rate at each alpha: "
+        + "; ".join(f"{k}: " + ", ".join(f"{a:g}: {r:.2f}" for a, r in v.items()) for k, v in ratios.items()),
+        "",
+        "## Ablating the direction at every layer on harmful prompts (refusal rate; lower = steering works)",
+        "",
+        ablate.to_markdown(),
+        "",
+        "refusal removed relative to the native vector: "
+        + ", ".join(f"{k}: {v:.2f}" for k, v in removal.items()),
+    ]
+    if thr:
+        lines += [
+            "",
+            f"Throughput ({thr['model']}, {thr['prompts']} prompts, batch {thr['batch_size']}, "
+            f"{thr['max_new_tokens']} new tokens): xferlens steered {thr['xferlens_tok_per_s']:.1f} tok/s, "
+            f"HF generate {thr['hf_tok_per_s']:.1f} tok/s, ratio {thr['ratio']:.2f}",
+        ]
+    Path("benchmarks/steering_qwen.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps(timing))
+
+
+if __name__ == "__main__":
+    main()
