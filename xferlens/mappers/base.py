@@ -120,7 +120,7 @@ class Mapper(nn.Module):
             )
         p = next(iter([*self.parameters(), *self.buffers()]))
         y = self._map(x.to(device=p.device, dtype=p.dtype))
-        return y.to(x.dtype)
+        return y.to(device=x.device, dtype=x.dtype)  # outputs live where the inputs do
 
     def _map(self, x: Tensor) -> Tensor:
         raise NotImplementedError
