@@ -108,6 +108,9 @@ def test_layer_search_finds_the_diagonal_of_a_model_with_itself(tiny_tl):
     ridge = layer_pair_scores(model, model, TEXTS, method="ridge", progress=False)
     assert all(ridge.scores[i, i] > 0.99 for i in range(3))
     assert ls.plot(mark=[best[:2]]) is not None
+    # the first token (an attention sink in real models) is left out unless asked for
+    every = layer_pair_scores(model, model, TEXTS, positions="all", progress=False)
+    assert every.n_rows - ls.n_rows == len(TEXTS)
 
 
 def test_rank_agreement_is_spearman():

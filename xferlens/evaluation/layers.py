@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from xferlens.activations import cache_activations, match_rows, resid_post, same_tokenizer
+from xferlens.activations.positions import Selector, from_token
 
 
 @dataclass
@@ -138,12 +139,16 @@ def layer_pair_scores(
     src_layers: Sequence[int] | None = None,
     tgt_layers: Sequence[int] | None = None,
     method: str = "cka",
+    positions: Selector | None = None,
     max_rows: int = 4000,
     ridge: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
 ) -> LayerScores:
     """Score every (source layer, target layer) pair on ``texts`` (a small sample).
+
+    ``positions`` defaults to every real token but the first (see the code comment);
+    pass ``"all"`` to keep it.
 
     Example:
         >>> ls = layer_pair_scores(small, big, corpus[:60])  # doctest: +SKIP
@@ -154,8 +159,11 @@ def layer_pair_scores(
         raise ValueError(f"method must be 'cka' or 'ridge', not {method!r}")
     src_layers = list(range(src.cfg.n_layers)) if src_layers is None else list(src_layers)
     tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else list(tgt_layers)
-    a = cache_activations(src, texts, src_layers, progress=progress)
-    b = cache_activations(tgt, texts, tgt_layers, progress=progress)
+    # the first token is an attention sink with a huge norm in many models; left in, it
+    # dominates every similarity score (CKA saturated at one value across half the layers)
+    sel = from_token(1) if positions is None else positions
+    a = cache_activations(src, texts, src_layers, positions=sel, progress=progress)
+    b = cache_activations(tgt, texts, tgt_layers, positions=sel, progress=progress)
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
     # rows are matched once; the same matching holds for every layer
     si, ti = match_rows(a, b, alignment)
