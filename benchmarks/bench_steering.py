@@ -103,7 +103,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=25)
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument(
+        "--thr-prompts", type=int, default=32, help="prompts for the throughput comparison (0: skip)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -198,11 +200,11 @@ def main() -> None:
 
     # 4. throughput
     thr = None
-    if not args.skip_throughput:
+    if args.thr_prompts:
         t0 = time.perf_counter()
         del src, tgt
         thr = hf_throughput(
-            SRC, chat_prompts(load_model(SRC, device="cpu", progress=False), s_ev[:32]), 32, 16
+            SRC, chat_prompts(load_model(SRC, device="cpu", progress=False), s_ev[: args.thr_prompts]), 24, 16
         )
         lap("throughput vs HF generate", t0)
 
