@@ -373,3 +373,43 @@ def test_evaluate_steering_rows_controls_and_judge(tiny_tl):
         model, POS, NEG, prompts, [0, 2], alpha=4.0, judge=judge, max_new_tokens=3, progress=False
     )
     assert sweep.layers == [0, 2] and len(sweep.rates) == 2 and 0 <= sweep.none_rate <= 1
+
+
+def test_batched_generation_equals_hf_generate(tiny_tl, tiny_hf_folder):
+    """Independent reference: HF ``generate`` (greedy, left padding, batched) on the
+    same weights gives the same new tokens as our KV-cached loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xferlens.steering.generate import greedy_tokens, stop_token_ids
+
+    model = tiny_tl("qwen2")
+    folder = tiny_hf_folder("qwen2")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    pad = model.tokenizer.pad_token_id  # TransformerLens gives a tokenizer without one EOS
+    tok.pad_token_id = pad
+    prompts = ["the cat", "a much longer prompt about dogs and cats", "hi", "birds sing"]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ref = hf.generate(
+            **enc, max_new_tokens=7, do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(model)
+        )[:, enc["input_ids"].shape[1] :]
+    ours = greedy_tokens(model, enc["input_ids"], 7, stop_token_ids(model), pad)
+    assert ours.shape == ref.shape
+    assert torch.equal(ours, ref)
+
+
+def test_transposed_layout_keeps_values_and_makes_the_transpose_free(tiny_tl):
+    from xferlens.models import transposed_layout
+
+    model = tiny_tl("llama")
+    assert model.unembed.W_U.T.is_contiguous()
+    assert model.blocks[0].mlp.W_in.T.is_contiguous()
+    assert transposed_layout(model) == 0  # idempotent: nothing left to change
+    tokens = torch.tensor([[5, 9, 17, 33, 2]])
+    before = model(tokens)
+    w = model.unembed.W_U.data
+    model.unembed.W_U.data = w.contiguous()  # the row-major layout TransformerLens makes
+    assert transposed_layout(model) == 1
+    assert torch.allclose(model(tokens), before, atol=1e-5)

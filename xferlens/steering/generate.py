@@ -11,8 +11,10 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
+from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from xferlens.activations.positions import Selector
 from xferlens.activations.tokens import length_batches, tokenize
@@ -106,18 +108,9 @@ def generate(
             else nullcontext()
         )
         with steering, _LeftPadding(tok):
-            out = model.generate(
-                tokens.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                stop_at_eos=True,
-                eos_token_id=stops,
-                use_past_kv_cache=True,
-                verbose=False,
-                return_type="tokens",
-            )
+            out = greedy_tokens(model, tokens.to(device), max_new_tokens, stops, pad)
         for r, i in enumerate(batch):
-            new = out[r, width:].tolist()
+            new = out[r].tolist()
             for j, t in enumerate(new):
                 if t in stops:
                     new = new[:j]
@@ -126,6 +119,53 @@ def generate(
         bar.update(len(batch))
     bar.close()
     return replies
+
+
+@torch.no_grad()
+def greedy_tokens(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    max_new_tokens: int,
+    stops: Sequence[int],
+    pad: int,
+) -> Int[torch.Tensor, "batch new"]:
+    """Greedy decoding of left-padded ``tokens`` with a KV cache; the new tokens only.
+
+    Unlike ``HookedTransformer.generate``, the prefill computes logits at the last
+    position only (the full ``[batch, pos, d_vocab]`` unembedding costs as much as a
+    third of the model for a 150k vocabulary) and each step embeds just the new token.
+    Rows that have produced a stop token are fed ``pad`` and stop counting; the loop
+    ends when every row has stopped. Hooks on the model apply as in any forward pass.
+    """
+    cfg = model.cfg
+    batch = tokens.shape[0]
+    mask = _real_token_mask(model, tokens, pad)
+    cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, batch)
+    done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    stop_ids = torch.tensor(list(stops), device=tokens.device)
+    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=tokens.device)
+    step_input, step_mask = tokens, mask
+    for t in range(max_new_tokens):
+        resid = model(step_input, attention_mask=step_mask, past_kv_cache=cache, stop_at_layer=cfg.n_layers)[
+            :, -1:
+        ]
+        if cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        nxt = model.unembed(resid)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, t] = nxt
+        done |= torch.isin(nxt, stop_ids)
+        if bool(done.all()):
+            break
+        step_input = nxt[:, None]
+        step_mask = torch.ones((batch, 1), dtype=mask.dtype, device=tokens.device)
+    return out
+
+
+def _real_token_mask(model: HookedTransformer, tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """1 for real tokens of left-padded rows: everything from the first non-pad token on
+    (a pad id inside a prompt, e.g. Qwen's ``<|endoftext|>`` used as pad, stays real)."""
+    return (torch.cumsum(tokens != pad, dim=1) > 0).long()
 
 
 def _flags(positions, text: str, spans) -> list[bool]:
