@@ -99,8 +99,8 @@ def main() -> None:
     ap.add_argument("--fit-texts", type=int, default=200, help="general texts for the mapper fit")
     ap.add_argument("--src-layer", type=int, default=10)
     ap.add_argument("--tgt-layer", type=int, default=12)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument(
@@ -180,10 +180,11 @@ def main() -> None:
     )
     lap("add on harmless prompts", t0)
     t0 = time.perf_counter()
+    # recalibration only rescales, and ablation removes the unit direction: same row
     ablate = evaluate_steering(
         tgt,
         chat(tgt, h_ev),
-        vectors,
+        {k: v for k, v in vectors.items() if k != "transferred (recalibrated)"},
         alphas=[1.0],
         mode="ablate",
         layers="all",
@@ -238,7 +239,7 @@ def main() -> None:
         k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
         if none_ab > ablate.rate("native", 1.0)
         else float("nan")
-        for k in ("transferred", "transferred (recalibrated)", "random")
+        for k in ("transferred", "random")
     }
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
