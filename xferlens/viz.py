@@ -14,6 +14,7 @@ self-contained page (circuitsvis's JavaScript inlined, no network needed) and
 
 import html
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class View:
     panels: list[Panel]
     caption: str = ""
     meta: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{p.title!r}: {len(p.tokens)} tokens" for p in self.panels)
+        return f"View({sizes})"
 
     def _limits(self) -> tuple[float, float]:
         m = max((abs(v) for p in self.panels for v in p.values), default=1.0) or 1.0
@@ -106,7 +111,9 @@ class View:
                         color="white" if abs(frac) > 0.6 else "black",
                         bbox={"facecolor": cmap(0.5 + 0.5 * frac), "edgecolor": "none", "pad": 1},
                     )
-                    box = t.get_window_extent(renderer).transformed(ax.transAxes.inverted())
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message="Glyph .* missing")
+                        box = t.get_window_extent(renderer).transformed(ax.transAxes.inverted())
                     x = box.x1 + 0.004
             y -= step
         return fig
@@ -120,8 +127,10 @@ class View:
         elif path.suffix in (".png", ".svg", ".pdf"):
             import matplotlib.pyplot as plt
 
-            fig = self.figure()
-            fig.savefig(path, dpi=130, bbox_inches="tight")
+            with warnings.catch_warnings():  # glyphs the font lacks (CJK, emoji) draw as boxes
+                warnings.filterwarnings("ignore", message="Glyph .* missing")
+                fig = self.figure()
+                fig.savefig(path, dpi=130, bbox_inches="tight")
             plt.close(fig)
         else:
             raise ValueError(f"save to .html, .png, .svg or .pdf, not {path.suffix!r}")

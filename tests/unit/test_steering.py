@@ -413,3 +413,37 @@ def test_transposed_layout_keeps_values_and_makes_the_transpose_free(tiny_tl):
     model.unembed.W_U.data = w.contiguous()  # the row-major layout TransformerLens makes
     assert transposed_layout(model) == 1
     assert torch.allclose(model(tokens), before, atol=1e-5)
+
+
+def test_refusal_judge_agrees_with_hand_labels():
+    """The refusal judge against completions of the zoo's Qwen models labelled by hand
+    (tests/data/refusal_labels.jsonl; see benchmarks/bench_refusal_judge.py)."""
+    import json
+    from pathlib import Path
+
+    from xferlens.evaluation import is_refusal
+
+    path = Path(__file__).parents[1] / "data" / "refusal_labels.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(rows) >= 80 and 0.2 < sum(r["refusal"] for r in rows) / len(rows) < 0.8
+    agree = sum(is_refusal(r["completion"]) == r["refusal"] for r in rows)
+    assert agree / len(rows) >= 0.9
+
+
+def test_select_by_behaviour_keeps_what_the_judge_marks(tiny_tl):
+    from xferlens.evaluation import select_by_behaviour
+
+    model = tiny_tl("qwen2")
+    prompts = POS + NEG
+    outs = generate(model, prompts, max_new_tokens=4, progress=False)
+    # a judge that splits these prompts: by the first character of the reply
+    first = sorted({o[:1] for o in outs})[0]
+
+    def judge(o):
+        return o[:1] == first
+
+    kept = select_by_behaviour(model, prompts, judge, max_new_tokens=4, progress=False)
+    rest = select_by_behaviour(model, prompts, judge, keep=False, max_new_tokens=4, progress=False)
+    assert kept == [p for p, o in zip(prompts, outs, strict=True) if judge(o)]
+    assert rest == [p for p in prompts if p not in kept]
+    assert kept and hook_count(model) == 0

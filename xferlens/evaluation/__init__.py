@@ -10,6 +10,7 @@ from xferlens.evaluation.steering import (
     evaluate_steering,
     perplexity,
     random_like,
+    select_by_behaviour,
     steerability_sweep,
     wilson,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "random_like",
     "rank_agreement",
     "rouge_l",
+    "select_by_behaviour",
     "steerability_sweep",
     "substring",
     "wilson",

@@ -78,6 +78,35 @@ def perplexity(
     return math.exp(nll / count)
 
 
+def select_by_behaviour(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    judge: str | Callable[[str], bool] = "refusal",
+    *,
+    keep: bool = True,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """The prompts whose *unsteered* greedy completion the judge marks (``keep=True``) or
+    does not mark (``keep=False``), in their order.
+
+    A difference of means over all harmful prompts mixes refusal with whatever else
+    separates the two sets (on HarmBench, "write a persuasive article" prompts that a
+    small model simply answers with "Title: ..."). Building the vector from the harmful
+    prompts the model actually refuses and the harmless ones it actually answers keeps
+    the refusal part (the refusal-direction literature filters the same way).
+
+    Example:
+        >>> refused = select_by_behaviour(model, chat_prompts(model, harmful_train))  # doctest: +SKIP
+        >>> answered = select_by_behaviour(model, harmless, keep=False)  # doctest: +SKIP
+        >>> v = diff_of_means(model, refused, answered, hooks=10)  # doctest: +SKIP
+    """
+    fn = resolve_judge(judge)
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return [p for p, o in zip(prompts, outs, strict=True) if bool(fn(o)) == keep]
+
+
 def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
     """A random direction (Gaussian, then scaled) with the same norm at each hook."""
     g = torch.Generator().manual_seed(seed)

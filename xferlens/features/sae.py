@@ -185,8 +185,8 @@ def train_sae(
         model: the model (or its identity dict) they came from, recorded with the SAE.
         expansion, d_sae: dictionary size is ``d_sae`` or ``expansion * d_in``.
         k: active features per token.
-        steps, batch_size, lr: AdamW-like Adam training by sae-lens's trainer (lr decays
-            linearly to ``lr / 10``).
+        steps, batch_size, lr: Adam in sae-lens's trainer; the learning rate is constant,
+            then decays linearly to 0 over the last fifth of the steps.
         val_fraction: rows held out for the reported metrics.
 
     Example:
@@ -226,8 +226,9 @@ def train_sae(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
         lr=lr,
-        lr_end=lr / 10,
+        lr_end=lr,  # required by the config; the constant schedule starts its decay from lr
         lr_scheduler_name="constant",
+        lr_decay_steps=steps // 5,
         device=device,
         dead_feature_window=max(50, steps // 10),
         feature_sampling_window=max(100, steps // 5),
