@@ -433,9 +433,8 @@ def transposed_layout(model: HookedTransformer) -> int:
     non-contiguous: call ``.contiguous()`` before ``safetensors.torch.save_file``.
     """
     n = 0
-    gated = {id(m) for m in model.modules() if type(m).__name__.startswith("GatedMLP")}
     for mod in model.modules():
-        if id(mod) not in gated and mod is not getattr(model, "unembed", None):
+        if not (type(mod).__name__.startswith("GatedMLP") or mod is getattr(model, "unembed", None)):
             continue
         for name in _LINEAR_T_WEIGHTS:
             p = getattr(mod, name, None)
@@ -491,7 +490,9 @@ def load_model(
         tl_kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         if default_prepend_bos is not None:
             tl_kwargs["default_prepend_bos"] = default_prepend_bos
-        return loader(str(spec), device=dev, dtype=dt, **kwargs, **tl_kwargs)
+        model = loader(str(spec), device=dev, dtype=dt, **kwargs, **tl_kwargs)
+        transposed_layout(model)
+        return model
 
     t0 = time.perf_counter()
     overrides = {"n_ctx": n_ctx, "default_prepend_bos": default_prepend_bos}

@@ -74,18 +74,18 @@ class View:
 
         lo, hi = self._limits()
         cmap = colormaps["RdBu_r"]
-        rows = []  # wrap tokens into lines of ~90 characters
+        rows = []  # (kind, content): a panel title, or a line of ~100 characters of tokens
         for p in self.panels:
-            rows.append(("title", p.title, None))
+            rows.append(("title", p.title))
             line, n = [], 0
             for t, v in zip(p.tokens, p.values, strict=True):
                 s = t.replace("\n", "\\n") or " "
                 if n + len(s) > 100 and line:
-                    rows.append(("tokens", line, None))
+                    rows.append(("tokens", line))
                     line, n = [], 0
                 line.append((s, v))
                 n += len(s) + 1
-            rows.append(("tokens", line, None))
+            rows.append(("tokens", line))
         fig = plt.figure(figsize=(width, 0.32 * len(rows) + 0.4))
         ax = fig.add_axes([0, 0, 1, 1])
         renderer = fig.canvas.get_renderer()
@@ -94,7 +94,7 @@ class View:
         step = 1 / (len(rows) + 1)
         if self.caption:
             fig.suptitle(self.caption, fontsize=9)
-        for kind, content, _ in rows:
+        for kind, content in rows:
             if kind == "title":
                 ax.text(0.005, y, content, fontsize=8, weight="bold", va="center")
             else:

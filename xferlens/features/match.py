@@ -45,8 +45,7 @@ def map_directions(
     row norm of ``source_rows`` divided by 4 (a feature-sized push, not an infinitesimal
     one: the map is only trained where the model's activations live).
     """
-    p = next(iter([*mapper.parameters(), *mapper.buffers()]))
-    d = directions.to(device=p.device, dtype=torch.float32)
+    d = directions.float()  # the mapper moves inputs to its device and back
     if mapper.is_linear:
         out = mapper(d) - mapper(torch.zeros_like(d[:1]))
     else:
@@ -55,7 +54,7 @@ def map_directions(
                 f"a {mapper.kind} mapper is nonlinear: map_directions needs source_rows "
                 "([m, d_src] real source activations, e.g. pairs.src)"
             )
-        h = source_rows[:max_rows].to(device=p.device, dtype=torch.float32)
+        h = source_rows[:max_rows].to(device=d.device, dtype=torch.float32)
         s = float(step) if step is not None else float(h.norm(dim=1).mean()) / 4
         base = mapper(h)
         out = torch.stack([(mapper(h + s * di) - base).mean(0) for di in d])

@@ -139,7 +139,7 @@ def greedy_tokens(
     """
     cfg = model.cfg
     batch = tokens.shape[0]
-    mask = _real_token_mask(model, tokens, pad)
+    mask = _real_token_mask(tokens, pad)
     cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, batch)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     stop_ids = torch.tensor(list(stops), device=tokens.device)
@@ -162,7 +162,7 @@ def greedy_tokens(
     return out
 
 
-def _real_token_mask(model: HookedTransformer, tokens: torch.Tensor, pad: int) -> torch.Tensor:
+def _real_token_mask(tokens: torch.Tensor, pad: int) -> torch.Tensor:
     """1 for real tokens of left-padded rows: everything from the first non-pad token on
     (a pad id inside a prompt, e.g. Qwen's ``<|endoftext|>`` used as pad, stays real)."""
     return (torch.cumsum(tokens != pad, dim=1) > 0).long()
