@@ -49,10 +49,11 @@ from xferlens.processing import Processing, process_state_dict
 logger = logging.getLogger(__name__)
 
 #: Bump when the conversion changes in a way that invalidates cached conversions.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: column-major weights stored transposed (see transposed_layout)
 DEFAULT_N_CTX_CAP = 2048
 TL_META_FILE = "xferlens_tl.json"
 TL_WEIGHTS_FILE = "model.safetensors"
+TRANSPOSED_KEY = "xferlens.transposed"  # safetensors metadata: keys stored transposed
 
 _DTYPES = {
     "float32": torch.float32,
@@ -394,18 +395,27 @@ def _save_converted(
     with paths.staging_dir(root, "tl-") as stage:
         out = stage / "out"
         out.mkdir()
-        save_streaming(model.state_dict(), out / TL_WEIGHTS_FILE)
+        # weights that run column-major are stored as their (contiguous) transpose, so that
+        # loading maps them straight into that layout: no copy, no extra memory
+        flip = set(_transposable(model))
+        sd = {k: (v.T if k in flip else v) for k, v in model.state_dict().items()}
+        save_streaming(sd, out / TL_WEIGHTS_FILE, metadata={TRANSPOSED_KEY: json.dumps(sorted(flip))})
         (out / TL_META_FILE).write_text(json.dumps({**meta, "cfg": cfg}, indent=2, default=str))
         paths.publish_dir(out, dest)
 
 
 def _load_converted(dest: Path, dtype: torch.dtype, tokenizer) -> HookedTransformer:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         meta = json.loads((dest / TL_META_FILE).read_text())
         model = _build_model(meta["cfg"], dtype, tokenizer)
         sd = load_file(dest / TL_WEIGHTS_FILE)
+        with safe_open(dest / TL_WEIGHTS_FILE, "pt") as f:
+            flipped = json.loads((f.metadata() or {}).get(TRANSPOSED_KEY, "[]"))
+        for k in flipped:
+            sd[k] = sd[k].T  # a view of the mapped file: column-major, as transposed_layout wants
         _assign(model, sd, dtype)
     except Exception as e:
         raise RuntimeError(
@@ -433,15 +443,24 @@ def transposed_layout(model: HookedTransformer) -> int:
     non-contiguous: call ``.contiguous()`` before ``safetensors.torch.save_file``.
     """
     n = 0
-    for mod in model.modules():
+    for p in _transposable(model).values():
+        if p.is_contiguous():
+            p.data = p.data.T.contiguous().T
+            n += 1
+    return n
+
+
+def _transposable(model: HookedTransformer) -> dict[str, torch.nn.Parameter]:
+    """Parameters (by state-dict name) that TransformerLens multiplies as ``W.T``."""
+    out = {}
+    for mod_name, mod in model.named_modules():
         if not (type(mod).__name__.startswith("GatedMLP") or mod is getattr(model, "unembed", None)):
             continue
         for name in _LINEAR_T_WEIGHTS:
             p = getattr(mod, name, None)
-            if isinstance(p, torch.nn.Parameter) and p.ndim == 2 and p.is_contiguous():
-                p.data = p.data.T.contiguous().T
-                n += 1
-    return n
+            if isinstance(p, torch.nn.Parameter) and p.ndim == 2:
+                out[f"{mod_name}.{name}" if mod_name else name] = p
+    return out
 
 
 def load_model(

@@ -58,12 +58,21 @@ def test_second_load_uses_cached_conversion(tiny_hf_folder, monkeypatch):
     first = load_model(folder, device="cpu", progress=False)
     calls = []
     monkeypatch.setattr(models, "_convert", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(models, "transposed_layout", lambda model: 0)  # only what the file gives
     second = load_model(folder, device="cpu", progress=False)
     assert calls == []
     tokens = first.to_tokens(TEXT)
     assert torch.equal(first(tokens), second(tokens))
-    # other processing options are a different cache entry
+    # column-major weights come back column-major straight from the file (transposed on
+    # disk), equal to the freshly converted ones, and transposed_layout has nothing to copy
+    flipped = models._transposable(second)
+    assert flipped and all(not p.is_contiguous() and p.T.is_contiguous() for p in flipped.values())
+    fresh = models._transposable(first)
+    for k, p in flipped.items():
+        assert torch.equal(p, fresh[k]), k
     monkeypatch.undo()
+    assert models.transposed_layout(second) == 0
+    # other processing options are a different cache entry
     raw = load_model(folder, device="cpu", process=False, progress=False)
     assert raw.cfg.normalization_type == "RMS" and second.cfg.normalization_type == "RMSPre"
 
