@@ -82,6 +82,43 @@ def read_verified_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
     return load_bytes(raw)
 
 
+class ShardBuffer:
+    """Rows gathered into one set of tensors allocated once and reused for every shard.
+
+    ``add`` copies a batch's rows in place and yields a full shard (views into the block,
+    valid until the next ``add``) each time ``rows`` rows have been gathered, so shards
+    hold exactly ``rows`` rows and no shard-sized concatenation is made at flush time.
+    (It was tried against the heap growth while streaming, benchmarks/RESULTS.md issue 3:
+    it does not stop it.)
+    """
+
+    def __init__(self, rows: int):
+        if rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {rows}")
+        self.rows = rows
+        self.n = 0
+        self.store: dict[str, Tensor] | None = None
+
+    def add(self, part: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+        if self.store is None:
+            self.store = {k: torch.empty((self.rows, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+        n_in = len(next(iter(part.values())))
+        start = 0
+        while start < n_in:
+            take = min(self.rows - self.n, n_in - start)
+            for k, v in part.items():
+                self.store[k][self.n : self.n + take] = v[start : start + take]
+            self.n += take
+            start += take
+            if self.n == self.rows:
+                yield self.filled()
+                self.n = 0
+
+    def filled(self) -> dict[str, Tensor]:
+        assert self.store is not None
+        return {k: v[: self.n] for k, v in self.store.items()}
+
+
 def cache_to_disk(
     model: HookedTransformer,
     texts: Sequence[str],
@@ -115,27 +152,20 @@ def cache_to_disk(
             for t in texts:
                 f.write(json.dumps(t) + "\n")
         shards: list[dict] = []
-        buffer: list[dict] = []
-        n_buffered = 0
+        buffer = ShardBuffer(shard_rows)
 
-        def flush() -> None:
-            nonlocal buffer, n_buffered
-            if not buffer:
-                return
+        def write(rows: dict[str, Tensor]) -> None:
             name = f"shard-{len(shards):05d}.safetensors"
-            tensors = {f"acts/{h}": torch.cat([b["acts"][h] for b in buffer]) for h in names}
-            for k in INDEX_KEYS:
-                tensors[k] = torch.cat([b[k] for b in buffer])
-            save_streaming(tensors, stage / name)
+            save_streaming(rows, stage / name)
+            n = len(rows["text_index"])
             shards.append(
                 {
                     "file": name,
-                    "rows": n_buffered,
+                    "rows": n,
                     "bytes": (stage / name).stat().st_size,
                     "sha256": _sha256(stage / name),
                 }
             )
-            buffer, n_buffered = [], 0
 
         d_of: dict[str, list[int]] = {}
         for part in iter_activations(
@@ -151,11 +181,11 @@ def cache_to_disk(
             progress=progress,
         ):
             d_of = {h: list(a.shape[1:]) for h, a in part["acts"].items()}
-            buffer.append(part)
-            n_buffered += len(part["text_index"])
-            if n_buffered >= shard_rows:
-                flush()
-        flush()
+            flat = {f"acts/{h}": a for h, a in part["acts"].items()} | {k: part[k] for k in INDEX_KEYS}
+            for full in buffer.add(flat):
+                write(full)
+        if buffer.n:
+            write(buffer.filled())
         manifest = {
             "format": FORMAT,
             **model_meta(model),
