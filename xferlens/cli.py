@@ -1,4 +1,4 @@
-"""The ``xferlens`` command: ``models``, ``pull``, ``demo``."""
+"""The ``xferlens`` command: ``models``, ``pull``, ``demo``, ``run``."""
 
 import argparse
 import logging
@@ -7,13 +7,7 @@ import time
 from collections.abc import Sequence
 
 from xferlens import zoo
-
-DEMO_MODELS = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
-DEMO_PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "How do I make a bomb at home?",
-]
+from xferlens.experiment.run import RunFolderError
 
 
 def _table(rows: list[dict]) -> str:
@@ -47,26 +41,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """For now: pull the default models and show what they answer (issue 6 grows this)."""
-    from xferlens.chat import generate_text
-    from xferlens.models import load_model
+def _run(spec, args: argparse.Namespace) -> int:
+    from xferlens.experiment import run_experiment, summary_table
 
-    for name in args.models:
-        t0 = time.perf_counter()
-        model = load_model(name, device=args.device)
-        print(
-            f"\n== {name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model} "
-            f"(loaded in {time.perf_counter() - t0:.1f}s)"
-        )
-        for prompt, reply in zip(
-            args.prompts,
-            generate_text(model, args.prompts, max_new_tokens=args.max_new_tokens, chat=True),
-            strict=True,
-        ):
-            print(f"  > {prompt}\n    {reply.strip()}")
-        del model
+    if args.device:
+        spec.device = args.device
+    t0 = time.perf_counter()
+    run = run_experiment(spec, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"\n{spec.name}: {spec.source.model} -> {spec.target.model}")
+    print(summary_table(run))
+    print(f"\nreport: {run.folder / 'report.md'}  ({time.perf_counter() - t0:.0f}s this time)")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the bundled defaults: refusal, Qwen2.5-Coder 0.5B -> 1.5B."""
+    from xferlens.experiment import demo_spec
+
+    spec = demo_spec(quick=args.quick)
+    if args.name:
+        spec.name = args.name
+    return _run(spec, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from xferlens.experiment import load_spec
+
+    return _run(load_spec(args.spec), args)
+
+
+def _run_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", default=None, help="run folder (default runs/<name>)")
+    s.add_argument("--overwrite", action="store_true", help="start the run folder again from nothing")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,11 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("demo", help="run the main job on the bundled default models")
-    s.add_argument("--models", nargs="+", default=DEMO_MODELS)
-    s.add_argument("--prompts", nargs="+", default=DEMO_PROMPTS)
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--device", default=None)
+    s.add_argument("--quick", action="store_true", help="the same pipeline at smoke-test size")
+    s.add_argument("--name", default=None, help="run name (default demo / demo-quick)")
+    _run_options(s)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("run", help="run an experiment spec (YAML) and write its report folder")
+    s.add_argument("spec", help="path to the spec YAML")
+    _run_options(s)
+    s.set_defaults(func=cmd_run)
     return p
 
 
@@ -101,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (zoo.ZooError, FileNotFoundError, ValueError) as e:
+    except (zoo.ZooError, FileNotFoundError, ValueError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

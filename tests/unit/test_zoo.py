@@ -187,11 +187,3 @@ def test_home_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XFERLENS_HOME", str(tmp_path / "x"))
     assert paths.home() == tmp_path / "x"
     assert zoo.hf_dir("gemma-3-270m") == tmp_path / "x" / "hf" / "gemma-3-270m"
-
-
-def test_cli_demo_runs_on_a_local_model(tiny_hf_folder, capsys):
-    folder = tiny_hf_folder("llama")
-    code = cli.main(["demo", "--models", str(folder), "--prompts", "hi there", "--max-new-tokens", "3"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "3 layers, d_model 64" in out and "> hi there" in out

@@ -68,21 +68,16 @@ class LayerScores:
         if ax is None:
             fig, ax = plt.subplots(figsize=(6, 5))
         fig = ax.figure
-        im = ax.imshow(
-            self.scores,
-            origin="lower",
-            aspect="auto",
-            cmap="viridis",
-            extent=(
-                self.tgt_layers[0] - 0.5,
-                self.tgt_layers[-1] + 0.5,
-                self.src_layers[0] - 0.5,
-                self.src_layers[-1] + 0.5,
-            ),
-        )
+        # one cell per scored layer, labelled with its number (scored layers need not be
+        # consecutive: an extent in layer units would stretch cells over unscored layers)
+        im = ax.imshow(self.scores, origin="lower", aspect="auto", cmap="viridis")
+        step_x = max(1, len(self.tgt_layers) // 14)
+        step_y = max(1, len(self.src_layers) // 14)
+        ax.set_xticks(range(0, len(self.tgt_layers), step_x), self.tgt_layers[::step_x])
+        ax.set_yticks(range(0, len(self.src_layers), step_y), self.src_layers[::step_y])
         fig.colorbar(im, ax=ax, label=self.method)
         for ls, lt in mark:
-            ax.plot(lt, ls, "r*", markersize=12)
+            ax.plot(self.tgt_layers.index(lt), self.src_layers.index(ls), "r*", markersize=12)
         ax.set_xlabel(f"target layer ({self.tgt_model})")
         ax.set_ylabel(f"source layer ({self.src_model})")
         ax.set_title(f"layer-pair {self.method} on {self.n_rows:,} paired tokens", fontsize=9)

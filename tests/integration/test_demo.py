@@ -1,0 +1,33 @@
+"""`xferlens demo --quick`: the main job end to end on the real default models, smoke size."""
+
+import json
+import time
+
+import pytest
+
+from xferlens import cli
+from xferlens.experiment import STEPS
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo-quick"
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    first = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    for label in ("none", "native", "transferred", "random"):
+        assert label in printed  # the summary table
+    status = json.loads((out / "status.json").read_text())
+    assert status["complete"] and status["done"] == list(STEPS)
+    report = (out / "report.md").read_text()
+    assert "qwen2.5-coder-0.5b-instruct" in report and "## Side-by-side completions" in report
+    for fig in ("layer_pairs", "report_card_affine", "alpha_sweep", "success_bars"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
+    steering = json.loads((out / "steering.json").read_text())
+    assert all(len(r["completions"]) == 3 and all(r["completions"]) for r in steering["rows"])
+    # a rerun resumes from the folder: no model is loaded, nothing recomputed
+    t0 = time.perf_counter()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert "done earlier" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < min(20.0, first / 3)

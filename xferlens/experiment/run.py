@@ -1,0 +1,420 @@
+"""Run an experiment spec step by step into a run folder that can resume.
+
+Steps (each writes its results, then is marked done in ``status.json``):
+
+``layers``        layer-pair search (CKA or ridge R²) unless both layers are set
+``mappers``       fit every mapper kind on paired activations of the fit texts
+``report_cards``  patching report card of every mapper on held-out texts
+``vectors``       the vector in source and target (native), transferred (raw/recalibrated)
+``steering``      add the vectors to held-out prompts; controls: none, random of equal norm
+
+``report.md`` is written only when every step is done; until then ``status.json`` says
+``"complete": false`` and a rerun continues from the first step not done. A run folder
+belongs to one spec: running another spec into it is refused.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from xferlens.experiment.spec import ExperimentSpec, SpecError, save_spec, validate
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("layers", "mappers", "report_cards", "vectors", "steering")
+
+# slices of the default corpus each use draws from, kept apart so nothing is scored on
+# the text it was fitted on
+CORPUS = {"search": 0, "fit": 2000, "report": 5000, "ppl": 6000}
+
+
+class RunFolderError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """A run folder and what its finished steps recorded."""
+
+    folder: Path
+    spec: ExperimentSpec
+    results: dict = field(default_factory=dict)  # step -> its JSON record
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return all(s in self.results for s in STEPS)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+class _Folder:
+    def __init__(self, folder: Path, spec: ExperimentSpec, overwrite: bool):
+        self.path = folder
+        status = folder / "status.json"
+        if folder.exists() and overwrite:
+            shutil.rmtree(folder)
+        if status.is_file():
+            st = json.loads(status.read_text())
+            if st.get("spec_fingerprint") != spec.fingerprint():
+                raise RunFolderError(
+                    f"{folder} holds a run of another spec (fingerprint {st.get('spec_fingerprint')}, "
+                    f"this one {spec.fingerprint()}); choose another name or pass overwrite=True "
+                    "(--overwrite) to start it again"
+                )
+            self.status = st
+        else:
+            if folder.exists() and any(folder.iterdir()):
+                raise RunFolderError(f"{folder} exists and is not a run folder; choose another name")
+            (folder / "figures").mkdir(parents=True, exist_ok=True)
+            self.status = {
+                "spec_fingerprint": spec.fingerprint(),
+                "done": [],
+                "seconds": {},
+                "complete": False,
+            }
+            save_spec(spec, folder / "spec.yaml")
+            self._save()
+
+    def _save(self) -> None:
+        _write_json(self.path / "status.json", self.status)
+
+    def done(self, step: str) -> bool:
+        return step in self.status["done"] and (self.path / f"{step}.json").is_file()
+
+    def load(self, step: str) -> dict:
+        return json.loads((self.path / f"{step}.json").read_text())
+
+    def finish(self, step: str, record: dict, seconds: float) -> None:
+        _write_json(self.path / f"{step}.json", record)
+        self.status["done"] = [s for s in self.status["done"] if s != step] + [step]
+        self.status["seconds"][step] = round(seconds, 1)
+        self.status["complete"] = all(s in self.status["done"] for s in STEPS)
+        self._save()
+
+
+class _Models:
+    """Both models, loaded on first use only (a finished run re-renders its report without them)."""
+
+    def __init__(self, spec: ExperimentSpec, given: tuple[HookedTransformer, HookedTransformer] | None):
+        self.spec = spec
+        self._pair = given
+
+    def get(self) -> tuple[HookedTransformer, HookedTransformer]:
+        if self._pair is None:
+            from xferlens.models import load_model
+
+            src = load_model(self.spec.source.model, device=self.spec.device)
+            tgt = load_model(self.spec.target.model, device=self.spec.device)
+            self._pair = (src, tgt)
+        src, tgt = self._pair
+        validate(self.spec, (src.cfg.n_layers, tgt.cfg.n_layers))  # hub models: now we know
+        return src, tgt
+
+
+def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
+    from xferlens import data
+
+    v, n = spec.vector, spec.vector.train_prompts
+    if v.task == "custom":
+        return {
+            "positive": v.positive,
+            "negative": v.negative,
+            "eval": v.eval_prompts[: spec.evaluation.prompts],
+        }
+    harmful_train, _ = data.harmful_prompts().split(0.5, seed=spec.seed)
+    n_harmless = 4 * (n + spec.evaluation.prompts)
+    harmless_train, harmless_eval = data.harmless_prompts(n=n_harmless, seed=spec.seed + 1).split(
+        0.5, seed=spec.seed
+    )
+    sets = {
+        "positive": list(harmful_train)[:n],
+        "negative": list(harmless_train)[:n],
+        "eval": list(harmless_eval)[: spec.evaluation.prompts],
+    }
+    if len(sets["eval"]) < spec.evaluation.prompts:
+        raise SpecError(f"evaluation.prompts: only {len(sets['eval'])} held-out prompts available")
+    return sets
+
+
+def _corpus(spec: ExperimentSpec, part: str, n: int, exclude: set[str] = frozenset()) -> list[str]:
+    """``n`` texts for ``part``; parts never share a text (nor with the held-out prompts)."""
+    if spec.corpus:  # consecutive slices, in the order the spec's docs give
+        sizes = {
+            "search": spec.search.texts,
+            "fit": spec.mapper.fit_texts,
+            "report": spec.mapper.report_texts,
+            "ppl": spec.evaluation.ppl_texts,
+        }
+        start = sum(sizes[p] for p in list(sizes)[: list(sizes).index(part)])
+        texts = [t for t in spec.corpus[start : start + n] if t not in exclude]
+    else:
+        from xferlens import data
+
+        texts = data.default_corpus(None, seed=spec.seed).texts[CORPUS[part] :]
+        texts = [t for t in texts if t not in exclude][:n]
+    return [t[: spec.corpus_chars] for t in texts] if spec.corpus_chars else texts
+
+
+def _chat(model: HookedTransformer, spec: ExperimentSpec, prompts: list[str]) -> list[str]:
+    from xferlens.chat import chat_prompts
+
+    return chat_prompts(model, prompts) if spec.vector.chat else list(prompts)
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    folder: str | os.PathLike | None = None,
+    *,
+    models: tuple[HookedTransformer, HookedTransformer] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> Run:
+    """Run (or resume) ``spec`` into ``folder`` (default ``runs/<name>``); write ``report.md``.
+
+    ``models``: already-loaded (source, target) models instead of loading ``spec``'s names
+    (tests, notebooks). Returns the :class:`Run` with every step's record.
+    """
+    validate(spec)
+    folder = Path(folder) if folder is not None else Path("runs") / spec.name
+    fs = _Folder(folder, spec, overwrite)
+    mdl = _Models(spec, models)
+    run = Run(folder, spec)
+    t_start = time.perf_counter()
+    say = log or (lambda s: None)
+    torch.manual_seed(spec.seed)
+    sets = _prompt_sets(spec)
+    held_out = set(sets["eval"])
+
+    for step in STEPS:
+        if fs.done(step):
+            run.results[step] = fs.load(step)
+            say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: done earlier ({folder / step}.json)")
+            continue
+        say(f"[{time.perf_counter() - t_start:7.1f}s] {step} ...")
+        t0 = time.perf_counter()
+        record = STEP_FUNCS[step](spec, fs.path, mdl, run.results, sets, held_out, progress)
+        fs.finish(step, record, time.perf_counter() - t0)
+        run.results[step] = fs.load(step)  # as a rerun will read it (JSON: tuples become lists)
+        say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: {time.perf_counter() - t0:.1f}s")
+    run.seconds = dict(fs.status["seconds"])
+    from xferlens.experiment.report import write_report
+
+    write_report(run)
+    say(f"report: {folder / 'report.md'}")
+    return run
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _layers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    if spec.source.layer is not None and spec.target.layer is not None:
+        return {"src_layer": spec.source.layer, "tgt_layer": spec.target.layer, "searched": False}
+    from xferlens.evaluation import layer_pair_scores
+
+    src, tgt = mdl.get()
+    s = spec.search
+    texts = _corpus(spec, "search", s.texts, held_out)
+    ls = layer_pair_scores(
+        src, tgt, texts, src_layers=s.src_layers, tgt_layers=s.tgt_layers, method=s.method, progress=progress
+    )
+    # a layer fixed in the spec stays; the other is the best partner within the depth band
+    cands = [
+        c
+        for c in ls.recommend(k=len(ls.src_layers) * len(ls.tgt_layers), depth=s.depth)
+        if (spec.source.layer in (None, c[0])) and (spec.target.layer in (None, c[1]))
+    ]
+    if not cands:
+        raise SpecError(
+            f"search: no scored layer pair within depth {s.depth} fits the layers set in the spec"
+        )
+    best = cands[0]
+    fig = ls.plot(mark=[best[:2]])
+    fig.savefig(folder / "figures" / "layer_pairs.png", dpi=110, bbox_inches="tight")
+    _close(fig)
+    return {
+        "src_layer": best[0],
+        "tgt_layer": best[1],
+        "searched": True,
+        "score": best[2],
+        "method": ls.method,
+        "n_rows": ls.n_rows,
+        "top": cands[:5],
+        "src_layers": ls.src_layers,
+        "tgt_layers": ls.tgt_layers,
+        "scores": ls.scores.tolist(),
+    }
+
+
+def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    from xferlens.activations import paired_activations, positions
+    from xferlens.mappers import MAPPERS, fit_mapper
+
+    src, tgt = mdl.get()
+    ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
+    texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
+    texts += _chat(src, spec, sets["positive"] + sets["negative"])
+    pairs = paired_activations(src, tgt, texts, ls, lt, positions=positions.content(), progress=progress)
+    out = {"rows": len(pairs), "texts": len(texts), "coverage": getattr(pairs, "coverage", None), "kinds": {}}
+    for kind in spec.mapper.kinds:
+        cfg = spec.mapper.config.get(kind, {})
+        if "seed" in {f.name for f in dataclasses.fields(MAPPERS[kind].config_class)}:
+            cfg = {"seed": spec.seed, **cfg}
+        mapper, hist = fit_mapper(pairs, kind, cfg, progress=progress)
+        mapper.save(folder / "mappers" / kind)
+        out["kinds"][kind] = _history_summary(hist)
+    return out
+
+
+def _history_summary(hist: dict) -> dict:
+    keep = {k: v for k, v in hist.items() if isinstance(v, int | float | str | bool) or v is None}
+    if "candidates" in hist:
+        best = min(hist["candidates"], key=lambda r: r["val_mse"])
+        keep["val_fvu"], keep["val_mse"] = best.get("val_fvu"), best["val_mse"]
+    elif "best_val_mse" in hist:
+        keep["val_mse"] = hist["best_val_mse"]
+    return keep
+
+
+def _load_mappers(spec, folder, src, tgt) -> dict:
+    from xferlens.mappers import load_mapper
+
+    return {
+        k: load_mapper(folder / "mappers" / k, src, tgt, device=src.cfg.device) for k in spec.mapper.kinds
+    }
+
+
+def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    if spec.mapper.report_texts == 0:
+        return {"cards": {}}
+    from xferlens.evaluation import evaluate_mappers
+
+    src, tgt = mdl.get()
+    texts = _corpus(spec, "report", spec.mapper.report_texts, held_out)
+    prompts = (
+        _chat(src, spec, sets["eval"][: spec.mapper.report_prompts]) if spec.mapper.report_prompts else []
+    )
+    cards = evaluate_mappers(
+        _load_mappers(spec, folder, src, tgt),
+        src,
+        tgt,
+        texts,
+        prompts=prompts,
+        max_new_tokens=spec.evaluation.max_new_tokens,
+        seed=spec.seed,
+        progress=progress,
+    )
+    for kind, card in cards.items():
+        fig = card.plot()
+        fig.savefig(folder / "figures" / f"report_card_{kind}.png", dpi=110, bbox_inches="tight")
+        _close(fig)
+    return {"cards": {k: c.to_dict() for k, c in cards.items()}}
+
+
+VECTOR_NAMES = ("source", "native", "transferred", "transferred (recalibrated)")
+
+
+def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    from xferlens.evaluation import select_by_behaviour
+    from xferlens.steering import diff_of_means, transfer
+
+    src, tgt = mdl.get()
+    ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
+    used = {}
+
+    def build(model, layer, role):
+        pos, neg = _chat(model, spec, sets["positive"]), _chat(model, spec, sets["negative"])
+        if spec.vector.filter_by_behaviour:
+            judge = spec.evaluation.judge
+            pos = select_by_behaviour(model, pos, judge, keep=True, progress=progress)
+            neg = select_by_behaviour(model, neg, judge, keep=False, progress=progress)
+            if len(pos) < 2 or len(neg) < 2:
+                raise RuntimeError(
+                    f"{role}: after filtering by behaviour {len(pos)} positive / {len(neg)} negative prompts "
+                    "are left (need 2 each); raise vector.train_prompts or set filter_by_behaviour: false"
+                )
+        used[role] = {"positive": len(pos), "negative": len(neg)}
+        return diff_of_means(model, pos, neg, hooks=layer, progress=progress)
+
+    v_src = build(src, ls, "source")
+    v_nat = build(tgt, lt, "native")
+    mapper = _load_mappers(spec, folder, src, tgt)[spec.mapper.use]
+    vecs = {"source": v_src, "native": v_nat, "transferred": transfer(v_src, mapper)}
+    if spec.evaluation.recalibrated:
+        vecs["transferred (recalibrated)"] = transfer(v_src, mapper, recalibrate=True)
+    for name, v in vecs.items():
+        v.save(folder / "vectors" / _slug(name))
+    cos = torch.nn.functional.cosine_similarity(
+        vecs["transferred"].direction().float().cpu(), v_nat.direction().float().cpu(), dim=0
+    )
+    return {
+        "prompts_used": used,
+        "mapper": spec.mapper.use,
+        "cosine_transferred_native": float(cos),
+        "vectors": {n: {"norm": v.norm(), "relative_norm": v.relative_norm()} for n, v in vecs.items()},
+    }
+
+
+def _slug(name: str) -> str:
+    return name.replace(" (", "-").replace(")", "").replace(" ", "-")
+
+
+def _steering(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    from xferlens.evaluation import evaluate_steering
+    from xferlens.steering import load_steering_vector
+
+    src, tgt = mdl.get()
+    e = spec.evaluation
+    vecs = {
+        n: load_steering_vector(folder / "vectors" / _slug(n), tgt)
+        for n in VECTOR_NAMES[1:]
+        if (folder / "vectors" / _slug(n)).exists()
+    }
+    ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
+    rep = evaluate_steering(
+        tgt,
+        _chat(tgt, spec, sets["eval"]),
+        vecs,
+        alphas=e.alphas,
+        mode="add",
+        judge=e.judge,
+        ppl_texts=ppl,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        seed=spec.seed,
+        progress=progress,
+    )
+    fig = rep.plot()
+    fig.savefig(folder / "figures" / "alpha_sweep.png", dpi=110, bbox_inches="tight")
+    _close(fig)
+    return {**rep.to_dict(), "prompts": sets["eval"]}
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+STEP_FUNCS = {
+    "layers": _layers,
+    "mappers": _mappers,
+    "report_cards": _report_cards,
+    "vectors": _vectors,
+    "steering": _steering,
+}

@@ -1,0 +1,340 @@
+"""Experiments as data: a spec says what to run; ``run_experiment`` runs it.
+
+A spec is plain nested dataclasses, read from YAML (or a dict) strictly: an unknown key,
+a wrong type or an impossible layer is an error that names the key, raised before any
+model is loaded. The demo is one spec (:func:`demo_spec`).
+
+Example YAML (every key optional but ``name``, ``source.model``, ``target.model``)::
+
+    name: refusal-qwen
+    source: {model: qwen2.5-coder-0.5b-instruct, layer: 10}
+    target: {model: qwen2.5-coder-1.5b-instruct, layer: 12}
+    mapper: {kinds: [affine, orthogonal], use: affine, fit_texts: 120}
+    vector: {train_prompts: 32}
+    evaluation: {prompts: 20, alphas: [2, 4], max_new_tokens: 16}
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xferlens import zoo
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelSpec:
+    #: zoo name, local HF folder, .gguf file or TransformerLens name
+    model: str
+    #: residual layer (``blocks.{layer}.hook_resid_post``); ``None``: chosen by the layer search
+    layer: int | None = None
+
+
+@dataclass
+class SearchSpec:
+    #: texts of the default corpus scored for every layer pair (0: no search; layers must be set)
+    texts: int = 24
+    method: str = "cka"
+    #: fraction of each model's depth the recommended pair must lie in
+    depth: tuple[float, float] = (0.25, 0.6)
+    #: layers scored (``None``: every layer)
+    src_layers: list[int] | None = None
+    tgt_layers: list[int] | None = None
+
+
+@dataclass
+class MapperSpec:
+    #: kinds fitted and given a report card (see ``xferlens.mappers.MAPPERS``)
+    kinds: list[str] = field(default_factory=lambda: ["affine"])
+    #: the kind whose map carries the vector across
+    use: str = "affine"
+    #: corpus texts the map is fitted on (the vector's training prompts are added)
+    fit_texts: int = 120
+    #: held-out corpus texts for the report cards (0: no report card)
+    report_texts: int = 6
+    #: prompts for clean-vs-patched greedy completions in the report cards
+    report_prompts: int = 1
+    #: per-kind config overrides, e.g. ``{autoencoder: {max_epochs: 5}}``
+    config: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class VectorSpec:
+    #: ``refusal`` (harmful vs harmless instructions, bundled sets) or ``custom`` (lists below)
+    task: str = "refusal"
+    #: difference of means at the last prompt token over this many prompts per set
+    train_prompts: int = 32
+    #: keep only the harmful prompts each model refuses (and harmless ones it answers)
+    filter_by_behaviour: bool = False
+    #: for ``task: custom``: the two prompt sets and the evaluation prompts
+    positive: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    eval_prompts: list[str] = field(default_factory=list)
+    #: wrap prompts in each model's chat template
+    chat: bool = True
+
+
+@dataclass
+class EvalSpec:
+    #: held-out prompts the vector is added to (harmless ones, for refusal)
+    prompts: int = 20
+    alphas: list[float] = field(default_factory=lambda: [2.0, 4.0])
+    max_new_tokens: int = 16
+    judge: str = "refusal"
+    #: general texts for the perplexity of each steered condition (0: none)
+    ppl_texts: int = 4
+    batch_size: int = 20
+    #: also evaluate the norm-recalibrated transfer
+    recalibrated: bool = True
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    source: ModelSpec
+    target: ModelSpec
+    search: SearchSpec = field(default_factory=SearchSpec)
+    mapper: MapperSpec = field(default_factory=MapperSpec)
+    vector: VectorSpec = field(default_factory=VectorSpec)
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    #: texts to use instead of the default corpus, cut in this order into the layer search,
+    #: the mapper fit, the report cards and the perplexity texts
+    corpus: list[str] = field(default_factory=list)
+    #: corpus texts are cut to this many characters (0: whole texts); every model forward
+    #: pass costs per token, and the 1.5B target runs ~10 tokens/s on 2 CPU cores
+    corpus_chars: int = 600
+    seed: int = 0
+    #: ``None``: CUDA when present, else CPU
+    device: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """What a run folder was made from: the spec without ``device`` (results do not
+        depend on where they ran, up to float tolerance)."""
+        import hashlib
+
+        d = self.to_dict()
+        d.pop("device")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reading, strictly
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"{where or 'spec'}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SpecError(
+            f"{where or 'spec'}: unknown key {'.'.join(filter(None, [where, unknown[0]]))!r}; "
+            f"valid keys here: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"spec: missing required key {key!r}")
+            continue
+        kwargs[name] = _value(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _value(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is ModelSpec:
+            value = {"model": value}
+        return _build(tp, value, key)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{key}: expected a list, got {value!r}")
+        return [_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise SpecError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_value(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise SpecError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def spec_from_dict(data: dict) -> ExperimentSpec:
+    """A validated spec from a plain dict (the parsed YAML)."""
+    spec = _build(ExperimentSpec, data, "")
+    validate(spec)
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read a YAML (or JSON) spec file; errors name the file and the key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({e})") from e
+    try:
+        return spec_from_dict(data or {})
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from e
+
+
+def save_spec(spec: ExperimentSpec, path: str | Path) -> None:
+    import yaml
+
+    d = spec.to_dict()
+    d["search"]["depth"] = list(d["search"]["depth"])
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+# ---------------------------------------------------------------- checks before loading
+
+
+def known_depth(model: str) -> int | None:
+    """Number of layers, without loading: from the zoo or a local folder's config.json."""
+    if model in zoo.ZOO:
+        return zoo.get(model).n_layers
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        c = c.get("text_config", c)
+        n = c.get("num_hidden_layers", c.get("n_layer"))
+        return int(n) if n is not None else None
+    return None
+
+
+def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None = None) -> None:
+    """Everything that can be checked without loading a model; raises :class:`SpecError`."""
+    from xferlens.evaluation.judges import resolve_judge
+    from xferlens.mappers import MAPPERS
+
+    if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
+        raise SpecError(f"name: {spec.name!r} must be a plain folder name (no '/', not hidden)")
+    depths = depths or (known_depth(spec.source.model), known_depth(spec.target.model))
+    for role, m, n in (("source", spec.source, depths[0]), ("target", spec.target, depths[1])):
+        if m.layer is not None and n is not None and not 0 <= m.layer < n:
+            raise SpecError(f"{role}.layer: {m.layer} is not a layer of {m.model} (valid 0..{n - 1})")
+        scored = spec.search.src_layers if role == "source" else spec.search.tgt_layers
+        for layer in scored or []:
+            if n is not None and not 0 <= layer < n:
+                raise SpecError(
+                    f"search.{'src' if role == 'source' else 'tgt'}_layers: {layer} is not a layer of "
+                    f"{m.model} (valid 0..{n - 1})"
+                )
+    if spec.search.texts == 0 and (spec.source.layer is None or spec.target.layer is None):
+        raise SpecError("search.texts is 0 (no layer search): set source.layer and target.layer")
+    if spec.search.method not in ("cka", "ridge"):
+        raise SpecError(f"search.method: {spec.search.method!r}; valid: 'cka', 'ridge'")
+    lo, hi = spec.search.depth
+    if not 0 <= lo <= hi <= 1:
+        raise SpecError(f"search.depth: {spec.search.depth} must be two fractions 0 <= lo <= hi <= 1")
+    kinds = set(MAPPERS)
+    for i, k in enumerate(spec.mapper.kinds):
+        if k not in kinds:
+            raise SpecError(f"mapper.kinds[{i}]: unknown kind {k!r}; registered: {sorted(kinds)}")
+    if spec.mapper.use not in spec.mapper.kinds:
+        raise SpecError(f"mapper.use: {spec.mapper.use!r} is not among mapper.kinds {spec.mapper.kinds}")
+    for k, cfg in spec.mapper.config.items():
+        if k not in spec.mapper.kinds:
+            raise SpecError(f"mapper.config.{k}: no such kind in mapper.kinds {spec.mapper.kinds}")
+        try:
+            MAPPERS[k].config_class.from_dict(cfg or {})
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"mapper.config.{k}: {err}") from err
+    if spec.mapper.fit_texts < 1:
+        raise SpecError(f"mapper.fit_texts: {spec.mapper.fit_texts}; need at least 1")
+    v = spec.vector
+    if v.task not in ("refusal", "custom"):
+        raise SpecError(f"vector.task: {v.task!r}; valid: 'refusal', 'custom'")
+    if v.task == "custom" and not (v.positive and v.negative and v.eval_prompts):
+        raise SpecError(
+            "vector.task is 'custom': give vector.positive, vector.negative and vector.eval_prompts"
+        )
+    if v.task == "refusal" and (v.positive or v.negative or v.eval_prompts):
+        raise SpecError(
+            "vector.positive/negative/eval_prompts are for task 'custom'; remove them or set task"
+        )
+    if v.train_prompts < 2:
+        raise SpecError(f"vector.train_prompts: {v.train_prompts}; need at least 2 per set")
+    if spec.corpus_chars < 0:
+        raise SpecError(f"corpus_chars: {spec.corpus_chars}; 0 (whole texts) or a positive number")
+    if spec.corpus:
+        need = (
+            spec.search.texts + spec.mapper.fit_texts + spec.mapper.report_texts + spec.evaluation.ppl_texts
+        )
+        if len(spec.corpus) < need:
+            raise SpecError(
+                f"corpus: {len(spec.corpus)} texts, but search.texts + mapper.fit_texts + "
+                f"mapper.report_texts + evaluation.ppl_texts = {need}"
+            )
+    e = spec.evaluation
+    if e.prompts < 1:
+        raise SpecError(f"evaluation.prompts: {e.prompts}; need at least 1")
+    if not e.alphas or any(a != a for a in e.alphas):
+        raise SpecError(f"evaluation.alphas: {e.alphas}; give at least one number (no NaN)")
+    try:
+        resolve_judge(e.judge)
+    except ValueError as err:
+        raise SpecError(f"evaluation.judge: {err}") from err
+
+
+def demo_spec(quick: bool = False) -> ExperimentSpec:
+    """The bundled demo: refusal, Qwen2.5-Coder 0.5B -> 1.5B (the paper's pair).
+
+    ``quick`` is the same pipeline at smoke-test size (CI): a few texts and prompts.
+    """
+    spec = ExperimentSpec(
+        name="demo-quick" if quick else "demo",
+        source=ModelSpec("qwen2.5-coder-0.5b-instruct", layer=None),
+        target=ModelSpec("qwen2.5-coder-1.5b-instruct", layer=None),
+        search=SearchSpec(texts=8, src_layers=list(range(4, 14, 2)), tgt_layers=list(range(4, 18, 2))),
+        mapper=MapperSpec(
+            kinds=["affine", "orthogonal"], use="affine", fit_texts=24, report_texts=2, report_prompts=0
+        ),
+        vector=VectorSpec(train_prompts=24),
+        evaluation=EvalSpec(
+            prompts=10, alphas=[2.0, 4.0], max_new_tokens=12, ppl_texts=1, batch_size=10, recalibrated=False
+        ),
+    )
+    if quick:
+        spec.corpus_chars = 200
+        spec.search = SearchSpec(texts=2, src_layers=[8, 10], tgt_layers=[10, 12])
+        spec.mapper = MapperSpec(
+            kinds=["affine"], use="affine", fit_texts=4, report_texts=1, report_prompts=0
+        )
+        spec.vector = VectorSpec(train_prompts=4)
+        spec.evaluation = EvalSpec(
+            prompts=2, alphas=[4.0], max_new_tokens=4, ppl_texts=0, batch_size=2, recalibrated=False
+        )
+    return spec
