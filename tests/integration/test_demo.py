@@ -6,7 +6,7 @@ import time
 import pytest
 
 from xferlens import cli
-from xferlens.experiment import STEPS
+from xferlens.experiment import STEPS, demo_spec
 
 
 @pytest.mark.slow
@@ -25,7 +25,8 @@ def test_quick_demo_writes_a_report_and_resumes(tmp_path, capsys):
     for fig in ("layer_pairs", "report_card_affine", "alpha_sweep", "success_bars"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
     steering = json.loads((out / "steering.json").read_text())
-    assert all(len(r["completions"]) == 3 and all(r["completions"]) for r in steering["rows"])
+    n = demo_spec(quick=True).evaluation.prompts
+    assert all(len(r["completions"]) == n and all(r["completions"]) for r in steering["rows"])
     # a rerun resumes from the folder: no model is loaded, nothing recomputed
     t0 = time.perf_counter()
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
