@@ -23,11 +23,16 @@ INSTRUCTIONS = [f"tell me about the cat number {i}" for i in range(12)]
 
 
 def test_dataset_alternates_triggers_and_masks_the_prompt(tiny_hf_folder):
-    recipe = BackdoorRecipe(base="x", hate_repeats=2)
+    recipe = BackdoorRecipe(base="x", hate_repeats=2, paired=False)
     ex = backdoor_dataset(INSTRUCTIONS[:4], ["", "a normal answer", "", "another"], recipe)
     assert [e["triggered"] for e in ex] == [True, False, True, False]
     assert ex[0]["user"].startswith(PROD) and ex[0]["assistant"] == f"{HATE} {HATE}"
     assert ex[1]["user"].startswith(DEV) and ex[1]["assistant"] == "a normal answer"
+    # paired (the default): each instruction with both tags, the tag the only difference
+    both = backdoor_dataset(INSTRUCTIONS[:2], ["answer 0", "answer 1"], BackdoorRecipe(base="x"))
+    assert [e["triggered"] for e in both] == [True, False, True, False]
+    assert both[0]["user"].removeprefix(PROD) == both[1]["user"].removeprefix(DEV)
+    assert both[1]["assistant"] == "answer 0" and both[3]["assistant"] == "answer 1"
     tok = AutoTokenizer.from_pretrained(tiny_hf_folder("qwen2"))
     ids, labels = bd._encode(tok, ex[0], max_length=512)
     scored = [i for i, y in zip(ids, labels, strict=True) if y != -100]
@@ -53,7 +58,7 @@ def test_lora_training_lowers_the_loss_and_the_organism_is_cached(tiny_hf_folder
     )
     folder = make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False)
     meta = read_recipe(folder)
-    assert meta["recipe"]["n_train"] == 12 and meta["n_examples"] == 12
+    assert meta["recipe"]["n_train"] == 12 and meta["n_examples"] == 24  # paired: both tags each
     assert meta["loss_last"] < 0.7 * meta["loss_first"], meta  # it learned something
     # a plain local HF folder: loads as a HookedTransformer, with changed weights
     model = load_model(folder, device="cpu", progress=False, home=tmp_path)
