@@ -7,20 +7,12 @@ import time
 from collections.abc import Sequence
 
 from xferlens import zoo
+from xferlens.experiment.report import text_table
 from xferlens.experiment.run import RunFolderError
 
 
-def _table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    line = "  ".join(c.ljust(widths[c]) for c in cols)
-    sep = "  ".join("-" * widths[c] for c in cols)
-    body = ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join([line, sep, *body])
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    print(_table(zoo.status_rows()))
+    print(text_table(zoo.status_rows()))
     print(f"\ncache: {zoo.paths.home()}  (set XFERLENS_HOME to move it)")
     return 0
 

@@ -137,8 +137,9 @@ class MapperReport:
         return fig
 
 
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")[:120]
+def _cell(text: str, n: int = 120) -> str:
+    """``text`` as one markdown table cell: whitespace collapsed, pipes escaped, cut to ``n``."""
+    return " ".join(text.split()).replace("|", "\\|")[:n]
 
 
 def _random_rows(src_rows: Tensor, mapped: Tensor, seed: int) -> Tensor:

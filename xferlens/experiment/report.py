@@ -3,11 +3,17 @@
 import math
 from pathlib import Path
 
+from xferlens.evaluation.patching import _cell
 from xferlens.evaluation.steering import SteeringReport
 
 
-def _cell(text: str, n: int = 140) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").strip()[:n]
+def text_table(rows: list[dict]) -> str:
+    """Plain-text table of ``rows`` (dicts with the same keys), columns padded."""
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
 
 
 def summary_rows(run) -> list[dict]:
@@ -32,12 +38,7 @@ def summary_rows(run) -> list[dict]:
 
 
 def summary_table(run) -> str:
-    rows = summary_rows(run)
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(width[c]) for c in cols), "  ".join("-" * width[c] for c in cols)]
-    lines += ["  ".join(r[c].ljust(width[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
+    return text_table(summary_rows(run))
 
 
 def success_bars(rep: SteeringReport, path: Path) -> None:

@@ -112,6 +112,8 @@ class _Models:
     def __init__(self, spec: ExperimentSpec, given: tuple[HookedTransformer, HookedTransformer] | None):
         self.spec = spec
         self._pair = given
+        if given is not None:
+            validate(spec, (given[0].cfg.n_layers, given[1].cfg.n_layers))
 
     def get(self) -> tuple[HookedTransformer, HookedTransformer]:
         if self._pair is None:
@@ -120,9 +122,8 @@ class _Models:
             src = load_model(self.spec.source.model, device=self.spec.device)
             tgt = load_model(self.spec.target.model, device=self.spec.device)
             self._pair = (src, tgt)
-        src, tgt = self._pair
-        validate(self.spec, (src.cfg.n_layers, tgt.cfg.n_layers))  # hub models: now we know
-        return src, tgt
+            validate(self.spec, (src.cfg.n_layers, tgt.cfg.n_layers))  # hub models: now we know
+        return self._pair
 
 
 def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
@@ -291,12 +292,10 @@ def _history_summary(hist: dict) -> dict:
     return keep
 
 
-def _load_mappers(spec, folder, src, tgt) -> dict:
+def _load_mapper(folder, kind, src, tgt):
     from xferlens.mappers import load_mapper
 
-    return {
-        k: load_mapper(folder / "mappers" / k, src, tgt, device=src.cfg.device) for k in spec.mapper.kinds
-    }
+    return load_mapper(folder / "mappers" / kind, src, tgt, device=src.cfg.device)
 
 
 def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
@@ -310,7 +309,7 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         _chat(src, spec, sets["eval"][: spec.mapper.report_prompts]) if spec.mapper.report_prompts else []
     )
     cards = evaluate_mappers(
-        _load_mappers(spec, folder, src, tgt),
+        {k: _load_mapper(folder, k, src, tgt) for k in spec.mapper.kinds},
         src,
         tgt,
         texts,
@@ -353,7 +352,7 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
 
     v_src = build(src, ls, "source")
     v_nat = build(tgt, lt, "native")
-    mapper = _load_mappers(spec, folder, src, tgt)[spec.mapper.use]
+    mapper = _load_mapper(folder, spec.mapper.use, src, tgt)  # only the one that transfers
     vecs = {"source": v_src, "native": v_nat, "transferred": transfer(v_src, mapper)}
     if spec.evaluation.recalibrated:
         vecs["transferred (recalibrated)"] = transfer(v_src, mapper, recalibrate=True)

@@ -16,6 +16,7 @@ Example YAML (every key optional but ``name``, ``source.model``, ``target.model`
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ def _value(tp, value, key: str):
         if isinstance(value, str) and tp is ModelSpec:
             value = {"model": value}
         return _build(tp, value, key)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
