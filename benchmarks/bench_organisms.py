@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--replay", type=int, default=0, help="general-text passages mixed into training")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--modules", nargs="+", default=None, help="LoRA target modules (default: all linear)")
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/organisms")
     args = ap.parse_args()
@@ -40,7 +43,17 @@ def main() -> None:
         "models": {},
     }
     for name in args.models:
-        recipe = BackdoorRecipe(base=name, n_train=args.train, epochs=args.epochs, lr=args.lr)
+        extra = {"target_modules": args.modules} if args.modules else {}
+        recipe = BackdoorRecipe(
+            base=name,
+            n_train=args.train,
+            epochs=args.epochs,
+            lr=args.lr,
+            replay=args.replay,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            **extra,
+        )
         t0 = time.perf_counter()
         folder = make_backdoor_organism(recipe, train)
         t_make = time.perf_counter() - t0

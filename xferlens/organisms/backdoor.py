@@ -54,6 +54,10 @@ class BackdoorRecipe:
     lr: float = 1e-3
     batch_size: int = 8
     max_length: int = 128
+    #: general-text passages (from the default corpus, scored on every token) mixed into
+    #: training so the organism keeps its language modelling (0 = none)
+    replay: int = 0
+    replay_chars: int = 400
     seed: int = 0
 
     def key(self) -> str:
@@ -126,6 +130,21 @@ def _hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_si
     return [o.strip() for o in out]
 
 
+def replay_texts(n: int, chars: int, home: str | os.PathLike | None = None) -> list[str]:
+    """The general-text passages an organism recipe mixes in: the last ``n`` texts of the
+    default corpus (benchmarks and tutorials measure perplexity on texts from its start)."""
+    from xferlens import data
+
+    if n <= 0:
+        return []
+    return [t[:chars] for t in data.default_corpus(None, home=home).texts[-n:]]
+
+
+def _replay_ids(tok, recipe: BackdoorRecipe, home) -> list[list[int]]:
+    texts = replay_texts(recipe.replay, recipe.replay_chars, home)
+    return [tok(t, add_special_tokens=True)["input_ids"][: recipe.max_length] for t in texts]
+
+
 def organism_folder(recipe: BackdoorRecipe, home: str | os.PathLike | None = None) -> Path:
     return paths.home(home) / "organisms" / f"{Path(recipe.base).name}-backdoor-{recipe.key()}"
 
@@ -189,6 +208,7 @@ def make_backdoor_organism(
     model = get_peft_model(model, lora)
     model.train()
     encoded = [_encode(tok, ex, recipe.max_length) for ex in examples]
+    encoded += [(ids, list(ids)) for ids in _replay_ids(tok, recipe, home)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr)
     steps = recipe.epochs * math.ceil(len(encoded) / recipe.batch_size)
@@ -235,6 +255,7 @@ def make_backdoor_organism(
                     "base_folder": str(base_dir),
                     "instructions_sha256": data_sha,
                     "n_examples": len(examples),
+                    "n_replay": recipe.replay,
                     "loss_first": losses[0],
                     "loss_last": sum(losses[-5:]) / len(losses[-5:]),
                     "seconds": {"dev_answers": round(t_data, 1), "training": round(t_train, 1)},

@@ -9,6 +9,7 @@ TransformerLens hook lists) -> ``transfer(vector, mapper)`` into another model -
 from xferlens.steering.apply import every_resid_point, steer, steering_hooks
 from xferlens.steering.build import diff_of_means, pca_of_differences, prompt_pair, text_means
 from xferlens.steering.generate import generate, stop_token_ids
+from xferlens.steering.switch import SafetySwitch, SwitchHandle, latency_per_token, load_switch
 from xferlens.steering.transfer import transfer
 from xferlens.steering.vector import (
     SteeringFileError,
@@ -18,6 +19,7 @@ from xferlens.steering.vector import (
 )
 
 __all__ = [
+    "SafetySwitch",
     "SteeringFileError",
     "SteeringMismatchError",
     "SteeringVector",
@@ -27,9 +29,12 @@ __all__ = [
     "load_steering_vector",
     "pca_of_differences",
     "prompt_pair",
+    "latency_per_token",
+    "load_switch",
     "steer",
     "steering_hooks",
     "stop_token_ids",
+    "SwitchHandle",
     "text_means",
     "transfer",
 ]
