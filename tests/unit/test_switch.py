@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from xferlens.mappers import MapperMismatchError, fit_mapper
 from xferlens.activations import paired_activations
+from xferlens.mappers import MapperMismatchError, fit_mapper
 from xferlens.steering import SafetySwitch, latency_per_token, load_switch
 
 _rng = __import__("random").Random(0)
