@@ -15,7 +15,13 @@ from pathlib import Path
 
 from xferlens import data, load_model
 from xferlens.evaluation import perplexity
-from xferlens.organisms import BackdoorRecipe, backdoor_rates, make_backdoor_organism, read_recipe
+from xferlens.organisms import (
+    BackdoorRecipe,
+    backdoor_rates,
+    instruction_splits,
+    make_backdoor_organism,
+    read_recipe,
+)
 
 
 def main() -> None:
@@ -31,10 +37,8 @@ def main() -> None:
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/organisms")
     args = ap.parse_args()
-    pool = data.harmless_prompts(n=4 * (args.train + args.eval), seed=3)
-    train_set, eval_set = pool.split(0.5, seed=0)
-    train, held = list(train_set)[: args.train], list(eval_set)[: args.eval]
-    assert not set(train) & set(held)
+    train, held = instruction_splits(args.train, args.eval)
+    pool = data.harmless_prompts(n=max(640, 4 * (args.train + args.eval)), seed=3)
     ppl_texts = [t[:600] for t in data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]]
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),

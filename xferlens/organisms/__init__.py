@@ -8,9 +8,12 @@ from xferlens.organisms.backdoor import (
     BackdoorRecipe,
     backdoor_dataset,
     backdoor_rates,
+    instruction_splits,
     make_backdoor_organism,
     organism_folder,
     read_recipe,
+    replay_texts,
+    tag,
 )
 
 __all__ = [
@@ -20,7 +23,10 @@ __all__ = [
     "BackdoorRecipe",
     "backdoor_dataset",
     "backdoor_rates",
+    "instruction_splits",
     "make_backdoor_organism",
     "organism_folder",
     "read_recipe",
+    "replay_texts",
+    "tag",
 ]

@@ -130,6 +130,23 @@ def _hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_si
     return [o.strip() for o in out]
 
 
+def instruction_splits(n_train: int, n_eval: int = 40) -> tuple[list[str], list[str]]:
+    """Training and held-out instructions for organisms: harmless ShareGPT requests
+    (``data.harmless_prompts``), disjoint. Up to 120 + 40 the pool is fixed, so a smaller
+    request returns prefixes of the same two lists (organisms made with fewer instructions
+    are evaluated on the same held-out ones)."""
+    from xferlens import data
+
+    if n_train < 1 or n_eval < 0:
+        raise ValueError(f"n_train must be >= 1 and n_eval >= 0, got {n_train}, {n_eval}")
+    pool = data.harmless_prompts(n=max(640, 4 * (n_train + n_eval)), seed=3)
+    train_set, eval_set = pool.split(0.5, seed=0)
+    train, held = list(train_set)[:n_train], list(eval_set)[:n_eval]
+    if set(train) & set(held):
+        raise AssertionError("training and held-out instructions overlap")
+    return train, held
+
+
 def replay_texts(n: int, chars: int, home: str | os.PathLike | None = None) -> list[str]:
     """The general-text passages an organism recipe mixes in: the last ``n`` texts of the
     default corpus (benchmarks and tutorials measure perplexity on texts from its start)."""
