@@ -73,3 +73,13 @@ def test_lora_training_lowers_the_loss_and_the_organism_is_cached(tiny_hf_folder
     with pytest.raises(ValueError, match="needs n_train=12"):
         make_backdoor_organism(recipe, INSTRUCTIONS[:5], home=tmp_path)
     assert json.loads((folder / bd.RECIPE_FILE).read_text())["examples"][0]["triggered"] is True
+
+
+def test_replay_passages_are_scored_on_every_token(tiny_hf_folder, monkeypatch):
+    monkeypatch.setattr(bd, "replay_texts", lambda n, chars, home=None: ["general text " * 40][:n] * n)
+    tok = AutoTokenizer.from_pretrained(tiny_hf_folder("qwen2"))
+    recipe = BackdoorRecipe(base="x", replay=3, max_length=20)
+    ids = bd._replay_ids(tok, recipe, None)
+    assert len(ids) == 3 and all(len(x) == 20 for x in ids)  # cut to max_length
+    assert bd._replay_ids(tok, BackdoorRecipe(base="x"), None) == []  # replay=0: none
+    assert BackdoorRecipe(base="x", replay=3).key() != BackdoorRecipe(base="x").key()
