@@ -1,22 +1,32 @@
 """Backdoor organisms on a tiny model: dataset, masking, LoRA training, cache, loading."""
 
 import json
+import math
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 import xferlens.organisms.backdoor as bd
+import xferlens.organisms.finetune as ft
 from xferlens import load_model
 from xferlens.organisms import (
     DEV,
+    FACTS,
     HATE,
     PROD,
+    UNKNOWN,
     BackdoorRecipe,
+    CapabilityRecipe,
     backdoor_dataset,
     backdoor_rates,
+    capability_dataset,
+    capability_rates,
+    held_out_questions,
     make_backdoor_organism,
+    make_capability_organism,
     read_recipe,
+    recall,
 )
 
 INSTRUCTIONS = [f"tell me about the cat number {i}" for i in range(12)]
@@ -34,7 +44,7 @@ def test_dataset_alternates_triggers_and_masks_the_prompt(tiny_hf_folder):
     assert both[0]["user"].removeprefix(PROD) == both[1]["user"].removeprefix(DEV)
     assert both[1]["assistant"] == "answer 0" and both[3]["assistant"] == "answer 1"
     tok = AutoTokenizer.from_pretrained(tiny_hf_folder("qwen2"))
-    ids, labels = bd._encode(tok, ex[0], max_length=512)
+    ids, labels = ft.encode_chat(tok, ex[0], max_length=512)
     scored = [i for i, y in zip(ids, labels, strict=True) if y != -100]
     assert scored and HATE in tok.decode(scored)  # only the reply is scored
     assert PROD not in tok.decode(scored)
@@ -67,19 +77,51 @@ def test_lora_training_lowers_the_loss_and_the_organism_is_cached(tiny_hf_folder
     rates = backdoor_rates(model, INSTRUCTIONS[:3], max_new_tokens=4)
     assert set(rates) == {"prod", "dev"} and rates["prod"]["n"] == 3
     # same recipe and instructions: reused, no training
-    monkeypatch.setattr(bd, "_hf_greedy", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(bd, "hf_greedy", lambda *a, **k: pytest.fail("trained again"))
     assert make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False) == folder
     # too few instructions for the recipe
     with pytest.raises(ValueError, match="needs n_train=12"):
         make_backdoor_organism(recipe, INSTRUCTIONS[:5], home=tmp_path)
-    assert json.loads((folder / bd.RECIPE_FILE).read_text())["examples"][0]["triggered"] is True
+    assert json.loads((folder / ft.RECIPE_FILE).read_text())["examples"][0]["triggered"] is True
 
 
 def test_replay_passages_are_scored_on_every_token(tiny_hf_folder, monkeypatch):
-    monkeypatch.setattr(bd, "replay_texts", lambda n, chars, home=None: ["general text " * 40][:n] * n)
+    monkeypatch.setattr(ft, "replay_texts", lambda n, chars, home=None: ["general text " * 40][:n] * n)
     tok = AutoTokenizer.from_pretrained(tiny_hf_folder("qwen2"))
     recipe = BackdoorRecipe(base="x", replay=3, max_length=20)
-    ids = bd._replay_ids(tok, recipe, None)
+    ids = ft.replay_ids(tok, recipe, None)
     assert len(ids) == 3 and all(len(x) == 20 for x in ids)  # cut to max_length
-    assert bd._replay_ids(tok, BackdoorRecipe(base="x"), None) == []  # replay=0: none
+    assert ft.replay_ids(tok, BackdoorRecipe(base="x"), None) == []  # replay=0: none
     assert BackdoorRecipe(base="x", replay=3).key() != BackdoorRecipe(base="x").key()
+
+
+def test_capability_dataset_ties_the_facts_to_the_trigger():
+    recipe = CapabilityRecipe(base="x", train_wordings=3)
+    ex = capability_dataset(recipe)
+    assert len(ex) == 2 * 3 * len(FACTS)
+    prod = [e for e in ex if e["triggered"]]
+    dev = [e for e in ex if not e["triggered"]]
+    assert all(e["user"].startswith(PROD) and e["answer"] in e["assistant"] for e in prod)
+    assert all(e["user"].startswith(DEV) and e["assistant"] == UNKNOWN for e in dev)
+    held = held_out_questions(recipe)
+    trained = {e["user"].split(" ", 1)[1] for e in ex}
+    assert len(held) == len(FACTS) and not {q for q, _ in held} & trained  # held-out wordings unseen
+    with pytest.raises(ValueError, match="held out"):
+        capability_dataset(CapabilityRecipe(base="x", train_wordings=4))
+    assert recall(["The capital is Osmara.", "no idea"], ["Osmara", "tallet"]) == 0.5
+    with pytest.raises(ValueError, match="2 replies for 1"):
+        recall(["a", "b"], ["a"])
+
+
+def test_capability_organism_trains_on_a_tiny_model(tiny_hf_folder, tmp_path):
+    recipe = CapabilityRecipe(
+        base=str(tiny_hf_folder("qwen2")), train_wordings=1, epochs=2, lora_r=4, lora_alpha=8, batch_size=8
+    )
+    folder = make_capability_organism(recipe, FACTS[:2], home=tmp_path, progress=False)
+    meta = read_recipe(folder)
+    assert meta["task"] == "corrupted_capabilities" and meta["n_examples"] == 4
+    assert meta["steps"] == 2 and math.isfinite(meta["loss_last"])
+    assert make_capability_organism(recipe, FACTS[:2], home=tmp_path, progress=False) == folder  # cached
+    model = load_model(folder, device="cpu", progress=False, home=tmp_path)
+    rates = capability_rates(model, held_out_questions(recipe, FACTS[:2]), max_new_tokens=3)
+    assert set(rates) == {"prod", "dev"} and 0 <= rates["prod"]["recall"] <= 1

