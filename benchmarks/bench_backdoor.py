@@ -19,6 +19,7 @@ evaluated here was trained on. Every row of a table is measured in the same run.
 """
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -64,7 +65,7 @@ def val_mse(hist: dict) -> float | None:
 
 
 def rates_row(model, held, ppl_texts, switch=None) -> dict:
-    ctx = switch.on(model) if switch is not None else torch.no_grad()
+    ctx = switch.on(model) if switch is not None else contextlib.nullcontext()
     with ctx:
         r = backdoor_rates(model, held, max_new_tokens=12, batch_size=20)
         ppl = perplexity(model, ppl_texts)
@@ -236,7 +237,7 @@ def run_transfer(args) -> dict:
 def run_sweep(args) -> dict:
     """The organism's own removal vector built and applied at each layer (trigger tokens):
     where the backdoor can still be steered away (the paper's "last steerable layer")."""
-    from xferlens.steering import SteeringVector, generate
+    from xferlens.steering import generate
 
     meta = read_recipe(args.organism)
     train, held = splits_for(meta, n_eval=args.eval)
@@ -256,7 +257,7 @@ def run_sweep(args) -> dict:
     none = generate(model, prompts, max_new_tokens=12, batch_size=20, progress=False)
     out["none"] = sum(HATE in o.upper() for o in none) / len(none)
     for layer, h in zip(args.layers, all_v.hooks, strict=True):
-        one = SteeringVector({h: all_v.direction(h)}, all_v.model, all_v.recipe, {h: all_v.act_norm[h]})
+        one = all_v.at(h)
         for a in args.alphas:
             outs = generate(
                 model,

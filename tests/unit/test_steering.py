@@ -447,3 +447,11 @@ def test_select_by_behaviour_keeps_what_the_judge_marks(tiny_tl):
     assert kept == [p for p, o in zip(prompts, outs, strict=True) if judge(o)]
     assert rest == [p for p in prompts if p not in kept]
     assert kept and hook_count(model) == 0
+
+
+def test_at_keeps_one_hook_of_a_multi_layer_vector(tiny_tl):
+    model = tiny_tl("llama")
+    v = diff_of_means(model, POS, NEG, hooks=[0, 2])
+    one = v.at(v.hooks[1])
+    assert one.hooks == [v.hooks[1]] and torch.equal(one.direction(), v.direction(v.hooks[1]))
+    assert one.act_norm == {v.hooks[1]: v.act_norm[v.hooks[1]]} and one.model == v.model

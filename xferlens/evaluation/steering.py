@@ -375,7 +375,7 @@ def steerability_sweep(
     ]
     rates = []
     for h in all_v.hooks:
-        one = SteeringVector({h: all_v.direction(h)}, all_v.model, all_v.recipe, {h: all_v.act_norm[h]})
+        one = all_v.at(h)
         outs = generate(
             model,
             prompts,

@@ -97,6 +97,15 @@ class SteeringVector:
             dict(self.act_norm),
         )
 
+    def at(self, hook: str) -> "SteeringVector":
+        """The vector at one of its hooks only (e.g. one layer of a multi-layer build)."""
+        return SteeringVector(
+            {hook: self.direction(hook)},
+            self.model,
+            self.recipe,
+            {hook: self.act_norm[hook]} if hook in self.act_norm else {},
+        )
+
     def to(self, device: str | torch.device) -> "SteeringVector":
         return SteeringVector(
             {h: v.to(device) for h, v in self.directions.items()}, self.model, self.recipe, self.act_norm
