@@ -91,6 +91,7 @@ import psutil
 from xferlens import data, load_model
 from xferlens.activations import cache_to_disk
 n_tokens, name, shard_rows, layer = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+budget = int(sys.argv[5]) or None
 model = load_model(name, device="cpu", progress=False)
 corpus = data.default_corpus(None).texts
 texts, total, passes = [], 0, 0
@@ -122,11 +123,12 @@ threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as d:
     store = cache_to_disk(model, texts, d + "/acts", layer, dtype="float16", progress=False,
-                          shard_rows=shard_rows)
+                          shard_rows=shard_rows, max_batch_tokens=budget)
     rows, shards = len(store), len(store.manifest["shards"])
     disk = sum(p.stat().st_size for p in store.folder.iterdir())
 done.set()
-print(json.dumps({"layer": layer, "tokens": total, "texts": len(texts), "corpus_passes": passes,
+print(json.dumps({"layer": layer, "max_batch_tokens": budget, "tokens": total, "texts": len(texts),
+                  "corpus_passes": passes,
                   "rows": rows, "shards": shards,
                   "disk_mib": round(disk / 2**20, 1), "seconds": round(time.perf_counter() - t0, 1),
                   "rss_before_caching_gib": round(base / 2**30, 2),
@@ -141,9 +143,9 @@ print(json.dumps({"layer": layer, "tokens": total, "texts": len(texts), "corpus_
 """
 
 
-def streaming(n_tokens: int, model: str, shard_rows: int, layer: int) -> dict:
+def streaming(n_tokens: int, model: str, shard_rows: int, layer: int, budget: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(n_tokens), model, str(shard_rows), str(layer)],
+        [sys.executable, "-c", CHILD, str(n_tokens), model, str(shard_rows), str(layer), str(budget)],
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
@@ -160,6 +162,9 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--shard-rows", type=int, default=32768)
     ap.add_argument("--layer", type=int, default=12, help="layer streamed in part 2")
+    ap.add_argument(
+        "--max-batch-tokens", type=int, default=4096, help="padded tokens per forward pass (0: no cap)"
+    )
     ap.add_argument("--out", default="benchmarks/cache.json")
     args = ap.parse_args()
     result = {
@@ -176,7 +181,7 @@ def main() -> None:
         row = {
             "model": args.model,
             "shard_rows": args.shard_rows,
-            **streaming(n, args.model, args.shard_rows, args.layer),
+            **streaming(n, args.model, args.shard_rows, args.layer, args.max_batch_tokens),
         }
         result["streaming"].append(row)
         print(json.dumps(row), flush=True)

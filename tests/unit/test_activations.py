@@ -17,7 +17,7 @@ from xferlens.activations import (
     positions,
 )
 from xferlens.activations.cache import ActivationSet
-from xferlens.activations.tokens import NoOffsetsError
+from xferlens.activations.tokens import NoOffsetsError, length_batches
 
 TEXTS = [
     "the cat in the hat",
@@ -265,4 +265,40 @@ def test_activation_set_fields_share_their_row_count():
             torch.zeros(3, 2, dtype=torch.long),
             ["t"],
             {},
+        )
+
+
+@pytest.mark.parametrize("max_tokens", [None, 1, 7, 20, 1000])
+def test_length_batches_respect_the_token_budget(max_tokens):
+    lengths = [3, 17, 5, 9, 9, 1, 12, 30, 2, 8]
+    batches = list(length_batches(lengths, 4, max_tokens))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each once
+    for b in batches:
+        assert 1 <= len(b) <= 4
+        width = max(lengths[i] for i in b)
+        assert len(b) == 1 or max_tokens is None or len(b) * width <= max_tokens
+        assert lengths[b[0]] == width  # longest first, so the first row sets the width
+    if max_tokens is None:
+        assert [len(b) for b in batches] == [4, 4, 2]
+    with pytest.raises(ValueError, match="max_tokens"):
+        list(length_batches(lengths, 4, 0))
+
+
+def test_token_budget_changes_batches_not_activations(tiny, monkeypatch):
+    widths = []
+    real_forward = tiny.forward
+
+    def spy(tokens, *a, **kw):
+        widths.append(tuple(tokens.shape))
+        return real_forward(tokens, *a, **kw)
+
+    monkeypatch.setattr(tiny, "forward", spy)
+    free = cache_activations(tiny, TEXTS, 1, batch_size=4, progress=False, max_batch_tokens=None)
+    assert len(widths) == 1
+    widths.clear()
+    capped = cache_activations(tiny, TEXTS, 1, batch_size=4, progress=False, max_batch_tokens=16)
+    assert len(widths) > 1 and all(b * w <= 16 or b == 1 for b, w in widths)
+    for i in range(len(TEXTS)):
+        torch.testing.assert_close(
+            capped.rows()[capped.text_index == i], free.rows()[free.text_index == i], rtol=1e-4, atol=1e-5
         )

@@ -143,11 +143,15 @@ def iter_activations(
     truncate: bool = True,
     progress: bool = True,
     chunk_texts: int = 256,
+    max_batch_tokens: int | None = 4096,
 ) -> Iterator[dict]:
     """Yield one dict of rows per batch (``acts``, ``text_index``, ``position``, ...).
 
     Texts are tokenized ``chunk_texts`` at a time, so memory does not grow with the number
     of texts; use :func:`cache_activations` to collect, or ``shards.cache_to_disk`` to stream.
+    A batch holds at most ``batch_size`` texts and ``max_batch_tokens`` padded tokens (fewer
+    rows for long texts), which bounds the attention scores a forward pass allocates; pass
+    ``None`` for fixed-size batches.
     """
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts must be a non-empty list of strings")
@@ -163,7 +167,7 @@ def iter_activations(
         for c0 in range(0, len(texts), chunk_texts):
             chunk = list(texts[c0 : c0 + chunk_texts])
             tk = tokenize(model, chunk, max_length=max_length, truncate=truncate)
-            for batch in length_batches([len(x) for x in tk.ids], batch_size):
+            for batch in length_batches([len(x) for x in tk.ids], batch_size, max_batch_tokens):
                 width = max(len(tk.ids[i]) for i in batch)
                 tokens = torch.full((len(batch), width), pad, dtype=torch.long)
                 select = torch.zeros((len(batch), width), dtype=torch.bool)
@@ -216,6 +220,7 @@ def cache_activations(
     max_length: int | None = None,
     truncate: bool = True,
     progress: bool = True,
+    max_batch_tokens: int | None = 4096,
 ) -> ActivationSet:
     """Activations of ``model`` at ``hooks`` over ``texts``, in memory.
 
@@ -227,6 +232,8 @@ def cache_activations(
         drop_special: leave out BOS and other special tokens (chat-template markers).
         dtype: storage dtype, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         truncate: cut texts longer than the context with a warning (``False``: error).
+        max_batch_tokens: at most this many padded tokens per forward pass (long texts get
+            smaller batches); bounds peak memory. ``None``: always ``batch_size`` texts.
 
     Example:
         >>> acts = cache_activations(model, ["Hello world"], hooks=12)  # doctest: +SKIP
@@ -245,6 +252,7 @@ def cache_activations(
             max_length=max_length,
             truncate=truncate,
             progress=progress,
+            max_batch_tokens=max_batch_tokens,
         )
     )
     names = list(parts[0]["acts"])  # resolved and validated by iter_activations

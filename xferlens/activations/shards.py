@@ -134,11 +134,15 @@ def cache_to_disk(
     truncate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    max_batch_tokens: int | None = 4096,
 ) -> "ShardedActivations":
     """Cache activations of ``texts`` into shards under ``folder``; return a reader.
 
     Same arguments as :func:`cache_activations`; rows are flushed to a new shard every
-    ``shard_rows`` rows. Default storage is float16 (half the disk).
+    ``shard_rows`` rows. Default storage is float16 (half the disk). Peak memory is one
+    shard buffer plus one forward pass of at most ``max_batch_tokens`` padded tokens: it
+    does not grow with the number of texts (it does with the longest text; cap that with
+    ``max_length``).
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -179,6 +183,7 @@ def cache_to_disk(
             max_length=max_length,
             truncate=truncate,
             progress=progress,
+            max_batch_tokens=max_batch_tokens,
         ):
             d_of = {h: list(a.shape[1:]) for h, a in part["acts"].items()}
             flat = {f"acts/{h}": a for h, a in part["acts"].items()} | {k: part[k] for k in INDEX_KEYS}

@@ -88,8 +88,23 @@ def tokenize(
     return out
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to waste little padding."""
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to waste little padding.
+
+    ``max_tokens`` caps ``len(batch) * longest`` (the padded batch), so batches of long texts
+    get fewer rows: a forward pass holds attention scores of size ``rows * heads * width**2``,
+    and without a cap the peak memory is set by the longest texts met so far (it grows with
+    the corpus). A text longer than ``max_tokens`` gets a batch of its own.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        rows = batch_size
+        if max_tokens is not None:  # the first index is the widest: sorted longest first
+            rows = max(1, min(batch_size, max_tokens // max(1, lengths[order[start]])))
+        yield order[start : start + rows]
+        start += rows
