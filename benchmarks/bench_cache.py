@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=32768)
     ap.add_argument("--layer", type=int, default=12, help="layer streamed in part 2")
     ap.add_argument(
-        "--max-batch-tokens", type=int, default=4096, help="padded tokens per forward pass (0: no cap)"
+        "--max-batch-tokens", type=int, default=1024, help="padded tokens per forward pass (0: no cap)"
     )
     ap.add_argument("--out", default="benchmarks/cache.json")
     args = ap.parse_args()

@@ -143,7 +143,7 @@ def iter_activations(
     truncate: bool = True,
     progress: bool = True,
     chunk_texts: int = 256,
-    max_batch_tokens: int | None = 4096,
+    max_batch_tokens: int | None = 1024,
 ) -> Iterator[dict]:
     """Yield one dict of rows per batch (``acts``, ``text_index``, ``position``, ...).
 
@@ -220,7 +220,7 @@ def cache_activations(
     max_length: int | None = None,
     truncate: bool = True,
     progress: bool = True,
-    max_batch_tokens: int | None = 4096,
+    max_batch_tokens: int | None = 1024,
 ) -> ActivationSet:
     """Activations of ``model`` at ``hooks`` over ``texts``, in memory.
 

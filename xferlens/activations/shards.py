@@ -134,7 +134,7 @@ def cache_to_disk(
     truncate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
-    max_batch_tokens: int | None = 4096,
+    max_batch_tokens: int | None = 1024,
 ) -> "ShardedActivations":
     """Cache activations of ``texts`` into shards under ``folder``; return a reader.
 
