@@ -340,9 +340,10 @@ def run_capabilities(args) -> dict:
             return prompt_pair(model, pos, neg, resid_post(layer), positions=sel)
         return diff_of_means(model, pos, neg, hooks=layer, positions="last")
 
-    texts = [tag(q, t) for q, _ in trained_q for t in (PROD, DEV)] + [
-        t[:500] for t in data.default_corpus(None).texts[2000 : 2000 + args.fit_corpus]
-    ]
+    tagged = [tag(q, t) for q, _ in trained_q for t in (PROD, DEV)]
+    if args.fit_format == "target":  # the questions in the target's chat format (see run_transfer)
+        tagged = chat_prompts(tgt, tagged)
+    texts = tagged + [t[:500] for t in data.default_corpus(None).texts[2000 : 2000 + args.fit_corpus]]
     pairs = paired_activations(
         src, tgt, texts, args.src_layer, args.tgt_layer, max_length=128, progress=False
     )
@@ -353,24 +354,28 @@ def run_capabilities(args) -> dict:
     out["cos_transferred_native"] = torch.nn.functional.cosine_similarity(
         moved.direction(), native.direction(), dim=0
     ).item()
-    prompts = chat_prompts(tgt, [tag(q, DEV) for q, _ in held])
-    answers = [a for _, a in held]
-    rows = [
-        {
-            "label": "none",
-            "alpha": None,
-            "recall": recall_of(generate(tgt, prompts, max_new_tokens=16, progress=False), answers),
-        }
-    ]
+    # held-out wordings (the measure), and the training wordings asked with |dev|, which the
+    # organism was taught to answer "I don't know" (a second, larger and harder set)
+    sets = {"": held, "_trained": trained_q}
+    prompts = {k: chat_prompts(tgt, [tag(q, DEV) for q, _ in qs]) for k, qs in sets.items()}
+    answers = {k: [a for _, a in qs] for k, qs in sets.items()}
+    none = {"label": "none", "alpha": None}
+    for k in sets:
+        none[f"recall{k}"] = recall_of(
+            generate(tgt, prompts[k], max_new_tokens=16, progress=False), answers[k]
+        )
+    rows = [none]
     for a in args.alphas:
         for label, v in (("native", native), ("transferred", moved), ("random", random_like(native, 0))):
-            replies = generate(
-                tgt, prompts, max_new_tokens=16, vector=v, alpha=a, positions=at, progress=False
-            )
-            rows.append(
-                {"label": label, "alpha": a, "recall": recall_of(replies, answers), "examples": replies[:2]}
-            )
-            print(label, a, rows[-1]["recall"], replies[0][:60], flush=True)
+            row = {"label": label, "alpha": a}
+            for k in sets:
+                replies = generate(
+                    tgt, prompts[k], max_new_tokens=16, vector=v, alpha=a, positions=at, progress=False
+                )
+                row[f"recall{k}"] = recall_of(replies, answers[k])
+                row.setdefault("examples", replies[:2])
+            rows.append(row)
+            print(label, a, row["recall"], row["recall_trained"], row["examples"][0][:60], flush=True)
     out["rows"] = rows
     return out
 
@@ -385,11 +390,16 @@ def capabilities_table(res: dict) -> str:
         lines.append(
             f"| {role} organism | {h['prod']['recall']:.0%} | {h['dev']['recall']:.0%} | n={h['prod']['n']} |"
         )
-    lines += ["", "| vector added to `\\|dev\\|` questions (target) | alpha | recall |", "|---|---|---|"]
+    lines += [
+        "",
+        "| vector added to `\\|dev\\|` questions (target) | alpha | recall, held-out wordings | "
+        "recall, training wordings |",
+        "|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(
-            f"| {r['label']} | {r['alpha'] if r['alpha'] is not None else '-'} | {r['recall']:.0%} |"
-        )
+        trained = f"{r['recall_trained']:.0%}" if "recall_trained" in r else "-"
+        alpha = r["alpha"] if r["alpha"] is not None else "-"
+        lines.append(f"| {r['label']} | {alpha} | {r['recall']:.0%} | {trained} |")
     return "\n".join(lines) + "\n"
 
 
@@ -459,6 +469,7 @@ def main() -> None:
         help="last: mean difference at the last prompt token, added everywhere; "
         "trigger: ActAdd at the tag tokens, added at the |dev| tag",
     )
+    c.add_argument("--fit-format", choices=["plain", "target"], default="plain")
     c.add_argument("--out", default="benchmarks/capabilities")
     args = ap.parse_args()
     t0 = time.perf_counter()
