@@ -302,3 +302,7 @@ def test_token_budget_changes_batches_not_activations(tiny, monkeypatch):
         torch.testing.assert_close(
             capped.rows()[capped.text_index == i], free.rows()[free.text_index == i], rtol=1e-4, atol=1e-5
         )
+    widths.clear()
+    pairs = paired_activations(tiny, tiny, TEXTS, 1, 1, batch_size=4, progress=False, max_batch_tokens=16)
+    assert widths and all(b * w <= 16 or b == 1 for b, w in widths)  # passed through to both models
+    assert len(pairs) == len(free)

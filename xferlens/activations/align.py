@@ -206,6 +206,7 @@ def paired_activations(
     max_length: int | None = None,
     truncate: bool = True,
     progress: bool = True,
+    max_batch_tokens: int | None = 1024,
 ) -> Pairs:
     """Run ``texts`` through both models and pair their activations row by row.
 
@@ -215,6 +216,7 @@ def paired_activations(
             text-based selector picks the same text in both models.
         alignment: ``"auto"`` (``"position"`` when the tokenizers are identical, else
             ``"char_end"``), or either explicitly.
+        max_batch_tokens: padded tokens per forward pass (see ``cache_activations``).
 
     Example:
         >>> pairs = paired_activations(small, big, corpus, 12, 14)  # doctest: +SKIP
@@ -233,6 +235,7 @@ def paired_activations(
         max_length=max_length,
         truncate=truncate,
         progress=progress,
+        max_batch_tokens=max_batch_tokens,
     )
     a = cache_activations(src, texts, src_hook, **kw)
     b = cache_activations(tgt, texts, tgt_hook, **kw)

@@ -46,6 +46,7 @@ def pairs_to_disk(
     batch_size: int = 8,
     overwrite: bool = False,
     progress: bool = True,
+    max_batch_tokens: int | None = 1024,
 ) -> "PairShards":
     """Pair ``src`` and ``tgt`` activations over ``texts`` into shards under ``folder``."""
     if isinstance(texts, str) or len(texts) == 0:
@@ -94,6 +95,7 @@ def pairs_to_disk(
                 batch_size=batch_size,
                 dtype=dt,
                 progress=False,
+                max_batch_tokens=max_batch_tokens,
             )
             p.text_index = p.text_index + c0
             for t, c in zip(*torch.unique(p.text_index, return_counts=True), strict=True):
