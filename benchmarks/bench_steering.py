@@ -97,6 +97,22 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=64, help="prompts per set for building vectors")
     ap.add_argument("--eval", type=int, default=50, help="prompts per set for evaluation")
     ap.add_argument("--fit-texts", type=int, default=200, help="general texts for the mapper fit")
+    ap.add_argument(
+        "--fit-set",
+        choices=["corpus", "prompts"],
+        default="corpus",
+        help="corpus: --fit-texts general texts + the vectors' training prompts (the first runs); "
+        "prompts: --fit-prompts harmful and harmless instructions disjoint from the training and "
+        "evaluation prompts (the vectors' own prompts stay out of the fit)",
+    )
+    ap.add_argument("--fit-prompts", type=int, default=300, help="instructions per set for --fit-set prompts")
+    ap.add_argument(
+        "--fit-positions",
+        choices=["content", "last"],
+        default="content",
+        help="content: every token after the system prefix; last: only the last prompt token, "
+        "where the refusal vector is read and where it acts",
+    )
     ap.add_argument("--src-layer", type=int, default=10)
     ap.add_argument("--tgt-layer", type=int, default=12)
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -106,6 +122,7 @@ def main() -> None:
     ap.add_argument(
         "--thr-prompts", type=int, default=32, help="prompts for the throughput comparison (0: skip)"
     )
+    ap.add_argument("--tag", default="qwen", help="output names: benchmarks/steering_{tag}.json etc.")
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -130,6 +147,13 @@ def main() -> None:
     held_out = set(h_ev) | set(s_ev)
     corpus = [t for t in data.default_corpus(None).texts[2000:] if t not in held_out]
     fit_texts = corpus[: args.fit_texts]
+    # instructions for --fit-set prompts: harmful ones from the training half past the
+    # vectors' prompts, harmless ones from a second draw minus every harmless prompt above
+    used = held_out | set(h_tr) | set(s_tr)
+    fit_harmful = [p for p in list(harmful_train)[n_tr:] if p not in used][: args.fit_prompts]
+    pool = data.harmless_prompts(n=None, seed=2)
+    fit_harmless = [p for p in pool if p not in used and p not in set(harmless)]
+    fit_harmless = fit_harmless[: args.fit_prompts]
     ppl_texts = data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]
 
     def chat(model, xs):
@@ -143,23 +167,34 @@ def main() -> None:
 
     # 2. the map, and the transferred vectors
     t0 = time.perf_counter()
+    if args.fit_set == "corpus":
+        map_texts = fit_texts + chat(src, h_tr) + chat(src, s_tr)
+    else:
+        map_texts = chat(src, fit_harmful + fit_harmless)
+        assert not set(fit_harmful + fit_harmless) & (used | set(harmless))
     pairs = paired_activations(
         src,
         tgt,
-        fit_texts + chat(src, h_tr) + chat(src, s_tr),
+        map_texts,
         args.src_layer,
         args.tgt_layer,
-        positions=positions.content(),
+        positions=positions.content() if args.fit_positions == "content" else "last",
         progress=False,
     )
+    fit_desc = (
+        f"{len(fit_texts)} general texts + the vectors' training prompts"
+        if args.fit_set == "corpus"
+        else f"{len(fit_harmful)} harmful + {len(fit_harmless)} harmless instructions "
+        "disjoint from the vectors' prompts"
+    ) + (", content tokens" if args.fit_positions == "content" else ", last prompt token only")
     lap("cache mapper pairs", t0)
     t0 = time.perf_counter()
     mapper, hist = fit_mapper(pairs, "affine", progress=False)
     lap("fit affine", t0)
-    mapper.save(home() / "runs" / "bench-steering-qwen" / "mapper")
+    mapper.save(home() / "runs" / f"bench-steering-{args.tag}" / "mapper")
     v_tr = transfer(v_src, mapper)
     v_tr_rc = transfer(v_src, mapper, recalibrate=True)
-    v_tr_rc.save(home() / "runs" / "bench-steering-qwen" / "transferred-recalibrated")
+    v_tr_rc.save(home() / "runs" / f"bench-steering-{args.tag}" / "transferred-recalibrated")
     cos = float(torch.nn.functional.cosine_similarity(v_tr.direction(), v_native.direction(), dim=0))
     vectors = {"native": v_native, "transferred": v_tr, "transferred (recalibrated)": v_tr_rc}
     val_best = min(hist["candidates"], key=lambda r: r["val_mse"])
@@ -197,7 +232,7 @@ def main() -> None:
     lap("ablate on harmful prompts", t0)
     for name, rep in (("add", add), ("ablate", ablate)):
         fig = rep.plot()
-        fig.savefig(f"benchmarks/figures/steering_{name}_qwen.png", dpi=110, bbox_inches="tight")
+        fig.savefig(f"benchmarks/figures/steering_{name}_{args.tag}.png", dpi=110, bbox_inches="tight")
 
     # 4. throughput
     thr = None
@@ -209,7 +244,7 @@ def main() -> None:
         )
         lap("throughput vs HF generate", t0)
 
-    with open("benchmarks/steering_completions_qwen.jsonl", "w") as f:
+    with open(f"benchmarks/steering_completions_{args.tag}.jsonl", "w") as f:
         for mode, rep, prompts in (("add", add, s_ev), ("ablate", ablate, h_ev)):
             for r in rep.rows:
                 for p, c, h in zip(prompts, r["completions"], r["hits"], strict=True):
@@ -252,6 +287,7 @@ def main() -> None:
         },
         "cosine_transferred_vs_native": cos,
         "mapper": {
+            "fit": fit_desc,
             "rows": len(pairs),
             "ridge": hist["ridge"],
             "val_fvu": val_best["val_fvu"],
@@ -265,11 +301,12 @@ def main() -> None:
         "seconds": timing,
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    Path("benchmarks/steering_qwen.json").write_text(json.dumps(result, indent=1, default=float))
+    Path(f"benchmarks/steering_{args.tag}.json").write_text(json.dumps(result, indent=1, default=float))
     lines = [
         f"# Refusal: {SRC} L{args.src_layer} -> {TGT} L{args.tgt_layer}",
         "",
-        f"affine map: {len(pairs)} rows, ridge {hist['ridge']:g}, validation FVU {val_best['val_fvu']:.3f}; "
+        f"affine map fitted on {fit_desc}: {len(pairs)} rows, ridge {hist['ridge']:g}, "
+        f"validation FVU {val_best['val_fvu']:.3f}; "
         f"cosine(transferred, native) = {cos:.3f}",
         "",
         "## Adding the vector to harmless prompts (refusal rate; higher = steering works)",
@@ -293,7 +330,7 @@ def main() -> None:
             f"{thr['max_new_tokens']} new tokens): xferlens steered {thr['xferlens_tok_per_s']:.1f} tok/s, "
             f"HF generate {thr['hf_tok_per_s']:.1f} tok/s, ratio {thr['ratio']:.2f}",
         ]
-    Path("benchmarks/steering_qwen.md").write_text("\n".join(lines) + "\n")
+    Path(f"benchmarks/steering_{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(timing))
 

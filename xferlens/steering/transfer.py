@@ -20,6 +20,16 @@ the source vector's norm relative to the source layer's typical norm (both typic
 norms are the mean row norms of the mapper's training pairs). The paper did not
 recalibrate; our lesson on the zoo models was that it recovers much of the lost effect,
 so evaluations report both.
+
+Where to fit the map: where the vector lives. A difference-of-means refusal vector is
+read (and acts) at the last prompt token, a template position; a map fitted on every
+token of general text or of chat prompts is dominated by ordinary text and carries that
+vector less faithfully than one fitted only on the last prompt token of a few hundred
+task prompts (``paired_activations(..., positions="last")``). On Qwen 0.5B -> 1.5B the
+cosine to the target's own vector went from 0.83 (all content tokens of 600 prompts) to
+0.96 (their 600 last tokens); see benchmarks/RESULTS.md. Keep the vector's own prompts
+out of that fit: with them in, the map can simply reproduce the target's own vector
+(0.99), which is no longer a transfer.
 """
 
 from typing import Literal
