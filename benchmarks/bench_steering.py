@@ -151,9 +151,9 @@ def main() -> None:
     # vectors' prompts, harmless ones from a second draw minus every harmless prompt above
     used = held_out | set(h_tr) | set(s_tr)
     fit_harmful = [p for p in list(harmful_train)[n_tr:] if p not in used][: args.fit_prompts]
+    drawn = used | set(harmless)
     pool = data.harmless_prompts(n=None, seed=2)
-    fit_harmless = [p for p in pool if p not in used and p not in set(harmless)]
-    fit_harmless = fit_harmless[: args.fit_prompts]
+    fit_harmless = [p for p in pool if p not in drawn][: args.fit_prompts]
     ppl_texts = data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]
 
     def chat(model, xs):
@@ -171,7 +171,7 @@ def main() -> None:
         map_texts = fit_texts + chat(src, h_tr) + chat(src, s_tr)
     else:
         map_texts = chat(src, fit_harmful + fit_harmless)
-        assert not set(fit_harmful + fit_harmless) & (used | set(harmless))
+        assert not set(fit_harmful + fit_harmless) & drawn
     pairs = paired_activations(
         src,
         tgt,
