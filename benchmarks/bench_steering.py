@@ -38,6 +38,7 @@ from xferlens.paths import home  # noqa: E402
 from xferlens.steering import diff_of_means, generate, transfer  # noqa: E402
 
 SRC, TGT = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+REF = "native (other prompts)"
 
 
 def hf_throughput(name: str, prompts: list[str], max_new_tokens: int, batch_size: int) -> dict:
@@ -113,6 +114,15 @@ def main() -> None:
         help="content: every token after the system prefix; last: only the last prompt token, "
         "where the refusal vector is read and where it acts",
     )
+    ap.add_argument(
+        "--reference-train",
+        type=int,
+        default=0,
+        help="also build the target's own vector a second time, from this many *other* training "
+        "prompts per set (disjoint from the first vector's, the fit's and the evaluation's), and "
+        "evaluate it as 'native (other prompts)': how far the native effect moves when only the "
+        "prompt sample changes, the yardstick for the transferred/native ratio (0: skip)",
+    )
     ap.add_argument("--src-layer", type=int, default=10)
     ap.add_argument("--tgt-layer", type=int, default=12)
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -139,18 +149,22 @@ def main() -> None:
     n_tr, n_ev = args.train, args.eval
     harmful = data.harmful_prompts()
     harmful_train, harmful_eval = harmful.split(0.5, seed=0)
-    harmless = data.harmless_prompts(n=4 * (n_tr + n_ev), seed=1)
+    n_ref = args.reference_train
+    harmless = data.harmless_prompts(n=4 * (n_tr + n_ref + n_ev), seed=1)
     harmless_train, harmless_eval = harmless.split(0.5, seed=0)
     h_tr, h_ev = list(harmful_train)[:n_tr], list(harmful_eval)[:n_ev]
     s_tr, s_ev = list(harmless_train)[:n_tr], list(harmless_eval)[:n_ev]
     assert not (set(h_tr) & set(h_ev)) and not (set(s_tr) & set(s_ev))
+    h_ref = list(harmful_train)[n_tr : n_tr + n_ref]
+    s_ref = list(harmless_train)[n_tr : n_tr + n_ref]
+    assert len(h_ref) == len(s_ref) == n_ref, "not enough training prompts for --reference-train"
     held_out = set(h_ev) | set(s_ev)
     corpus = [t for t in data.default_corpus(None).texts[2000:] if t not in held_out]
     fit_texts = corpus[: args.fit_texts]
     # instructions for --fit-set prompts: harmful ones from the training half past the
     # vectors' prompts, harmless ones from a second draw minus every harmless prompt above
-    used = held_out | set(h_tr) | set(s_tr)
-    fit_harmful = [p for p in list(harmful_train)[n_tr:] if p not in used][: args.fit_prompts]
+    used = held_out | set(h_tr) | set(s_tr) | set(h_ref) | set(s_ref)
+    fit_harmful = [p for p in list(harmful_train)[n_tr + n_ref :] if p not in used][: args.fit_prompts]
     drawn = used | set(harmless)
     pool = data.harmless_prompts(n=None, seed=2)
     fit_harmless = [p for p in pool if p not in drawn][: args.fit_prompts]
@@ -163,6 +177,7 @@ def main() -> None:
     t0 = time.perf_counter()
     v_src = diff_of_means(src, chat(src, h_tr), chat(src, s_tr), hooks=args.src_layer)
     v_native = diff_of_means(tgt, chat(tgt, h_tr), chat(tgt, s_tr), hooks=args.tgt_layer)
+    v_ref = diff_of_means(tgt, chat(tgt, h_ref), chat(tgt, s_ref), hooks=args.tgt_layer) if n_ref else None
     lap("build vectors", t0)
 
     # 2. the map, and the transferred vectors
@@ -197,6 +212,10 @@ def main() -> None:
     v_tr_rc.save(home() / "runs" / f"bench-steering-{args.tag}" / "transferred-recalibrated")
     cos = float(torch.nn.functional.cosine_similarity(v_tr.direction(), v_native.direction(), dim=0))
     vectors = {"native": v_native, "transferred": v_tr, "transferred (recalibrated)": v_tr_rc}
+    cos_ref = None
+    if v_ref is not None:
+        vectors[REF] = v_ref
+        cos_ref = float(torch.nn.functional.cosine_similarity(v_ref.direction(), v_native.direction(), dim=0))
     val_best = min(hist["candidates"], key=lambda r: r["val_mse"])
 
     # 3. add on harmless prompts; ablate at every layer on harmful prompts
@@ -268,13 +287,16 @@ def main() -> None:
             "rows": [{k: v for k, v in r.items() if k not in ("completions", "hits")} for r in rep.rows],
         }
 
-    ratios = {k: add.ratio(k, "native") for k in ("transferred", "transferred (recalibrated)")}
+    ratios = {
+        k: add.ratio(k, "native") for k in ("transferred", "transferred (recalibrated)", REF) if k in vectors
+    }
     none_ab = ablate.rate("none")
     removal = {
         k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
         if none_ab > ablate.rate("native", 1.0)
         else float("nan")
-        for k in ("transferred", "random")
+        for k in ("transferred", "random", REF)
+        if k in vectors or k == "random"
     }
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -286,6 +308,7 @@ def main() -> None:
             for k, v in {"source": v_src, **vectors}.items()
         },
         "cosine_transferred_vs_native": cos,
+        "cosine_native_other_prompts_vs_native": cos_ref,
         "mapper": {
             "fit": fit_desc,
             "rows": len(pairs),
@@ -307,7 +330,8 @@ def main() -> None:
         "",
         f"affine map fitted on {fit_desc}: {len(pairs)} rows, ridge {hist['ridge']:g}, "
         f"validation FVU {val_best['val_fvu']:.3f}; "
-        f"cosine(transferred, native) = {cos:.3f}",
+        f"cosine(transferred, native) = {cos:.3f}"
+        + (f"; cosine({REF}, native) = {cos_ref:.3f}" if cos_ref is not None else ""),
         "",
         "## Adding the vector to harmless prompts (refusal rate; higher = steering works)",
         "",
