@@ -22,6 +22,7 @@ Writes ``benchmarks/steering_qwen.json`` / ``.md``, figures, and every completio
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -123,6 +124,16 @@ def main() -> None:
         "evaluate it as 'native (other prompts)': how far the native effect moves when only the "
         "prompt sample changes, the yardstick for the transferred/native ratio (0: skip)",
     )
+    ap.add_argument(
+        "--draw",
+        choices=["ordered", "shuffled"],
+        default="ordered",
+        help="ordered: the first prompts of each half of the harmful split, which keeps the "
+        "dataset's order (HarmBench's 200 behaviours, then Do-Not-Answer's questions), so the "
+        "vectors come from HarmBench and the fit prompts mostly from Do-Not-Answer (the first "
+        "runs); shuffled: each half shuffled first, so vectors, reference, fit and evaluation "
+        "prompts are random draws from the same mixture",
+    )
     ap.add_argument("--src-layer", type=int, default=10)
     ap.add_argument("--tgt-layer", type=int, default=12)
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -148,7 +159,10 @@ def main() -> None:
     lap("load models", t0)
     n_tr, n_ev = args.train, args.eval
     harmful = data.harmful_prompts()
-    harmful_train, harmful_eval = harmful.split(0.5, seed=0)
+    harmful_train, harmful_eval = (list(x) for x in harmful.split(0.5, seed=0))
+    if args.draw == "shuffled":
+        random.Random(1).shuffle(harmful_train)
+        random.Random(2).shuffle(harmful_eval)
     n_ref = args.reference_train
     harmless = data.harmless_prompts(n=4 * (n_tr + n_ref + n_ev), seed=1)
     harmless_train, harmless_eval = harmless.split(0.5, seed=0)
