@@ -22,7 +22,6 @@ Writes ``benchmarks/steering_qwen.json`` / ``.md``, figures, and every completio
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -159,10 +158,9 @@ def main() -> None:
     lap("load models", t0)
     n_tr, n_ev = args.train, args.eval
     harmful = data.harmful_prompts()
-    harmful_train, harmful_eval = (list(x) for x in harmful.split(0.5, seed=0))
+    harmful_train, harmful_eval = harmful.split(0.5, seed=0)
     if args.draw == "shuffled":
-        random.Random(1).shuffle(harmful_train)
-        random.Random(2).shuffle(harmful_eval)
+        harmful_train, harmful_eval = harmful_train.shuffled(1), harmful_eval.shuffled(2)
     n_ref = args.reference_train
     harmless = data.harmless_prompts(n=4 * (n_tr + n_ref + n_ev), seed=1)
     harmless_train, harmless_eval = harmless.split(0.5, seed=0)

@@ -95,6 +95,13 @@ class TextSet:
         return self.texts[i]
 
     def split(self, test_fraction: float = 0.5, seed: int = 0) -> tuple["TextSet", "TextSet"]:
+        """Disjoint ``(train, test)`` parts, drawn at random but each *kept in the set's order*.
+
+        So the first texts of a part are not a random sample of it when the set is ordered
+        by source: ``harmful_prompts()`` lists HarmBench's behaviours before Do-Not-Answer's
+        questions, and ``train[:64]`` is all HarmBench. Use :meth:`shuffled` on a part
+        before taking slices that should be draws from the whole mixture.
+        """
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         order = list(range(len(self.texts)))
@@ -111,6 +118,12 @@ class TextSet:
             )
             for tag, idx in zip(["train", "test"], parts, strict=True)
         )
+
+    def shuffled(self, seed: int = 0) -> "TextSet":
+        """The same texts in a random order (``random.Random(seed).shuffle``)."""
+        texts = list(self.texts)
+        random.Random(seed).shuffle(texts)
+        return TextSet(self.name, texts, self.source, self.license, {**self.meta, "shuffled": seed})
 
     def head(self, n: int) -> "TextSet":
         return TextSet(self.name, self.texts[:n], self.source, self.license, dict(self.meta))

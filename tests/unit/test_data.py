@@ -48,3 +48,17 @@ def test_split_is_disjoint_and_deterministic():
     assert s.split(0.3, seed=1)[1].texts == b.texts
     with pytest.raises(ValueError):
         s.split(1.5)
+
+
+def test_split_parts_keep_order_and_shuffled_draws_from_all():
+    # an ordered set (two sources one after the other): split parts keep that order, so a
+    # part's head is all from the first source; shuffled() mixes them, deterministically
+    s = data.TextSet("t", [f"a{i}" for i in range(50)] + [f"b{i}" for i in range(50)], "src", "lic")
+    train, _ = s.split(0.5, seed=0)
+    assert train.texts == sorted(train.texts, key=s.texts.index)
+    assert all(t.startswith("a") for t in train.texts[:10])
+    mixed = train.shuffled(3)
+    assert sorted(mixed.texts) == sorted(train.texts) and mixed.texts != train.texts
+    assert mixed.texts == train.shuffled(3).texts and mixed.texts != train.shuffled(4).texts
+    assert any(t.startswith("b") for t in mixed.texts[:10])
+    assert train.texts[0].startswith("a")  # the part itself is not changed
