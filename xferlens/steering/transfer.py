@@ -18,8 +18,11 @@ directions it cannot predict well, so the transferred vector comes out too short
 rescale it so its norm *relative to the target layer's typical activation norm* equals
 the source vector's norm relative to the source layer's typical norm (both typical
 norms are the mean row norms of the mapper's training pairs). The paper did not
-recalibrate; our lesson on the zoo models was that it recovers much of the lost effect,
-so evaluations report both.
+recalibrate; on maps fitted on general text it recovered much of the lost effect, but it
+assumes the concept is as strong, relative to the layer, in both models. Qwen 0.5B's
+refusal direction is relatively weaker than 1.5B's (0.11 vs 0.18 of the typical norm), so
+on a last-token map it shrank the vector further (0.68x of native at alpha 2 vs 0.89x
+raw). Evaluations report both.
 
 Where to fit the map: where the vector lives. A difference-of-means refusal vector is
 read (and acts) at the last prompt token, a template position; a map fitted on every
