@@ -8,16 +8,20 @@
    ``--tgt-layer``.
 2. An affine map src -> tgt at those layers, fitted on general text plus the training
    prompts (content tokens only: no system prefix, no attention-sink first token), ridge
-   chosen on held-out text. The source vector is carried through it, raw and with its norm
-   recalibrated.
+   chosen on held-out text (``--fit-set prompts --fit-positions last``: the last prompt
+   token of instructions disjoint from every other set instead). The source vector is
+   carried through it, raw and with its norm recalibrated. ``--reference-train N`` also
+   builds the target's own vector from N other prompts, the yardstick for transferred /
+   native; ``--draw shuffled`` draws every harmful set at random from the whole
+   HarmBench + Do-Not-Answer mixture (the default takes each split half in dataset order).
 3. On *evaluation* prompts: adding each vector to harmless prompts at every alpha of the
    sweep (refusal rate should rise), and ablating it at every layer on harmful prompts
    (refusal rate should fall); always beside no steering and a random vector of the
    native vector's norm; perplexity of each condition on general text.
 4. Throughput of batched steered generation against HF ``generate`` on the same prompts.
 
-Writes ``benchmarks/steering_qwen.json`` / ``.md``, figures, and every completion to
-``benchmarks/steering_completions_qwen.jsonl`` (for checking the refusal judge by hand).
+Writes ``benchmarks/steering_{tag}.json`` / ``.md``, figures, and every completion to
+``benchmarks/steering_completions_{tag}.jsonl`` (for checking the refusal judge by hand).
 """
 
 import argparse
@@ -222,12 +226,15 @@ def main() -> None:
     v_tr = transfer(v_src, mapper)
     v_tr_rc = transfer(v_src, mapper, recalibrate=True)
     v_tr_rc.save(home() / "runs" / f"bench-steering-{args.tag}" / "transferred-recalibrated")
-    cos = float(torch.nn.functional.cosine_similarity(v_tr.direction(), v_native.direction(), dim=0))
+
+    def cos_to_native(v):
+        return float(torch.nn.functional.cosine_similarity(v.direction(), v_native.direction(), dim=0))
+
+    cos = cos_to_native(v_tr)
+    cos_ref = cos_to_native(v_ref) if v_ref is not None else None
     vectors = {"native": v_native, "transferred": v_tr, "transferred (recalibrated)": v_tr_rc}
-    cos_ref = None
     if v_ref is not None:
         vectors[REF] = v_ref
-        cos_ref = float(torch.nn.functional.cosine_similarity(v_ref.direction(), v_native.direction(), dim=0))
     val_best = min(hist["candidates"], key=lambda r: r["val_mse"])
 
     # 3. add on harmless prompts; ablate at every layer on harmful prompts
@@ -299,16 +306,17 @@ def main() -> None:
             "rows": [{k: v for k, v in r.items() if k not in ("completions", "hits")} for r in rep.rows],
         }
 
-    ratios = {
-        k: add.ratio(k, "native") for k in ("transferred", "transferred (recalibrated)", REF) if k in vectors
-    }
+    def compared(rep, skip=()):
+        """Every evaluated condition but the baselines, in the report's order."""
+        return [k for k in dict.fromkeys(r["label"] for r in rep.rows) if k not in ("none", "native", *skip)]
+
+    ratios = {k: add.ratio(k, "native") for k in compared(add, skip=("random",))}
     none_ab = ablate.rate("none")
     removal = {
         k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
         if none_ab > ablate.rate("native", 1.0)
         else float("nan")
-        for k in ("transferred", "random", REF)
-        if k in vectors or k == "random"
+        for k in compared(ablate)
     }
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
