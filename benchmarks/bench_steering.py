@@ -43,6 +43,7 @@ from xferlens.steering import diff_of_means, generate, transfer  # noqa: E402
 
 SRC, TGT = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 REF = "native (other prompts)"
+DOSE = "transferred, native's length along native (diagnostic)"
 
 
 def hf_throughput(name: str, prompts: list[str], max_new_tokens: int, batch_size: int) -> dict:
@@ -97,6 +98,40 @@ def hf_throughput(name: str, prompts: list[str], max_new_tokens: int, batch_size
     }
 
 
+def draw_prompts(args) -> tuple[list[str], ...]:
+    """The run's prompt sets from ``--train/--reference-train/--eval/--fit-*`` and ``--draw``:
+    ``(h_tr, s_tr, h_ref, s_ref, h_ev, s_ev, fit_harmful, fit_harmless, fit_texts)`` — the
+    vectors', the reference vector's and the evaluation's harmful (h) / harmless (s) prompts,
+    the map's instructions for ``--fit-set prompts`` and its general texts for ``corpus``.
+    Every set is disjoint from the others (asserted)."""
+    n_tr, n_ev = args.train, args.eval
+    harmful = data.harmful_prompts()
+    harmful_train, harmful_eval = harmful.split(0.5, seed=0)
+    if args.draw == "shuffled":
+        harmful_train, harmful_eval = harmful_train.shuffled(1), harmful_eval.shuffled(2)
+    n_ref = args.reference_train
+    harmless = data.harmless_prompts(n=4 * (n_tr + n_ref + n_ev), seed=1)
+    harmless_train, harmless_eval = harmless.split(0.5, seed=0)
+    h_tr, h_ev = list(harmful_train)[:n_tr], list(harmful_eval)[:n_ev]
+    s_tr, s_ev = list(harmless_train)[:n_tr], list(harmless_eval)[:n_ev]
+    assert not (set(h_tr) & set(h_ev)) and not (set(s_tr) & set(s_ev))
+    h_ref = list(harmful_train)[n_tr : n_tr + n_ref]
+    s_ref = list(harmless_train)[n_tr : n_tr + n_ref]
+    assert len(h_ref) == len(s_ref) == n_ref, "not enough training prompts for --reference-train"
+    held_out = set(h_ev) | set(s_ev)
+    corpus = [t for t in data.default_corpus(None).texts[2000:] if t not in held_out]
+    fit_texts = corpus[: args.fit_texts]
+    # instructions for --fit-set prompts: harmful ones from the training half past the
+    # vectors' prompts, harmless ones from a second draw minus every harmless prompt above
+    used = held_out | set(h_tr) | set(s_tr) | set(h_ref) | set(s_ref)
+    fit_harmful = [p for p in list(harmful_train)[n_tr + n_ref :] if p not in used][: args.fit_prompts]
+    drawn = used | set(harmless)
+    pool = data.harmless_prompts(n=None, seed=2)
+    fit_harmless = [p for p in pool if p not in drawn][: args.fit_prompts]
+    assert not set(fit_harmful + fit_harmless) & drawn
+    return h_tr, s_tr, h_ref, s_ref, h_ev, s_ev, fit_harmful, fit_harmless, fit_texts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=64, help="prompts per set for building vectors")
@@ -137,6 +172,23 @@ def main() -> None:
         "runs); shuffled: each half shuffled first, so vectors, reference, fit and evaluation "
         "prompts are random draws from the same mixture",
     )
+    ap.add_argument(
+        "--native-scales",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also add the target's own vector scaled by each factor (rows 'native x0.9' ...): "
+        "how much of the native effect a vector of the right direction but a shorter length "
+        "keeps at each alpha, the yardstick for a transferred vector that comes out short",
+    )
+    ap.add_argument(
+        "--dose-matched",
+        action="store_true",
+        help="also add the transferred vector rescaled so its length along the native vector "
+        "equals native's (a diagnostic that uses the target's own vector, not a transfer): "
+        "what its direction alone is worth",
+    )
+    ap.add_argument("--no-ablate", action="store_true", help="skip the ablation table")
     ap.add_argument("--src-layer", type=int, default=10)
     ap.add_argument("--tgt-layer", type=int, default=12)
     ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -160,30 +212,7 @@ def main() -> None:
     src = load_model(SRC, device="cpu", progress=False)
     tgt = load_model(TGT, device="cpu", progress=False)
     lap("load models", t0)
-    n_tr, n_ev = args.train, args.eval
-    harmful = data.harmful_prompts()
-    harmful_train, harmful_eval = harmful.split(0.5, seed=0)
-    if args.draw == "shuffled":
-        harmful_train, harmful_eval = harmful_train.shuffled(1), harmful_eval.shuffled(2)
-    n_ref = args.reference_train
-    harmless = data.harmless_prompts(n=4 * (n_tr + n_ref + n_ev), seed=1)
-    harmless_train, harmless_eval = harmless.split(0.5, seed=0)
-    h_tr, h_ev = list(harmful_train)[:n_tr], list(harmful_eval)[:n_ev]
-    s_tr, s_ev = list(harmless_train)[:n_tr], list(harmless_eval)[:n_ev]
-    assert not (set(h_tr) & set(h_ev)) and not (set(s_tr) & set(s_ev))
-    h_ref = list(harmful_train)[n_tr : n_tr + n_ref]
-    s_ref = list(harmless_train)[n_tr : n_tr + n_ref]
-    assert len(h_ref) == len(s_ref) == n_ref, "not enough training prompts for --reference-train"
-    held_out = set(h_ev) | set(s_ev)
-    corpus = [t for t in data.default_corpus(None).texts[2000:] if t not in held_out]
-    fit_texts = corpus[: args.fit_texts]
-    # instructions for --fit-set prompts: harmful ones from the training half past the
-    # vectors' prompts, harmless ones from a second draw minus every harmless prompt above
-    used = held_out | set(h_tr) | set(s_tr) | set(h_ref) | set(s_ref)
-    fit_harmful = [p for p in list(harmful_train)[n_tr + n_ref :] if p not in used][: args.fit_prompts]
-    drawn = used | set(harmless)
-    pool = data.harmless_prompts(n=None, seed=2)
-    fit_harmless = [p for p in pool if p not in drawn][: args.fit_prompts]
+    h_tr, s_tr, h_ref, s_ref, h_ev, s_ev, fit_harmful, fit_harmless, fit_texts = draw_prompts(args)
     ppl_texts = data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]
 
     def chat(model, xs):
@@ -193,7 +222,11 @@ def main() -> None:
     t0 = time.perf_counter()
     v_src = diff_of_means(src, chat(src, h_tr), chat(src, s_tr), hooks=args.src_layer)
     v_native = diff_of_means(tgt, chat(tgt, h_tr), chat(tgt, s_tr), hooks=args.tgt_layer)
-    v_ref = diff_of_means(tgt, chat(tgt, h_ref), chat(tgt, s_ref), hooks=args.tgt_layer) if n_ref else None
+    v_ref = (
+        diff_of_means(tgt, chat(tgt, h_ref), chat(tgt, s_ref), hooks=args.tgt_layer)
+        if args.reference_train
+        else None
+    )
     lap("build vectors", t0)
 
     # 2. the map, and the transferred vectors
@@ -202,7 +235,6 @@ def main() -> None:
         map_texts = fit_texts + chat(src, h_tr) + chat(src, s_tr)
     else:
         map_texts = chat(src, fit_harmful + fit_harmless)
-        assert not set(fit_harmful + fit_harmless) & drawn
     pairs = paired_activations(
         src,
         tgt,
@@ -235,6 +267,11 @@ def main() -> None:
     vectors = {"native": v_native, "transferred": v_tr, "transferred (recalibrated)": v_tr_rc}
     if v_ref is not None:
         vectors[REF] = v_ref
+    for f in args.native_scales:
+        vectors[f"native x{f:g}"] = v_native.scaled(f)
+    if args.dose_matched:
+        u = v_native.direction() / v_native.norm()
+        vectors[DOSE] = v_tr.scaled(v_native.norm() / float(v_tr.direction() @ u))
     val_best = min(hist["candidates"], key=lambda r: r["val_mse"])
 
     # 3. add on harmless prompts; ablate at every layer on harmful prompts
@@ -252,25 +289,28 @@ def main() -> None:
         progress=False,
     )
     lap("add on harmless prompts", t0)
-    t0 = time.perf_counter()
-    # recalibration only rescales, and ablation removes the unit direction: same row
-    ablate = evaluate_steering(
-        tgt,
-        chat(tgt, h_ev),
-        {k: v for k, v in vectors.items() if k != "transferred (recalibrated)"},
-        alphas=[1.0],
-        mode="ablate",
-        layers="all",
-        judge="refusal",
-        ppl_texts=ppl_texts,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        progress=False,
-    )
-    lap("ablate on harmful prompts", t0)
+    ablate = None
+    if not args.no_ablate:
+        t0 = time.perf_counter()
+        # ablation removes the unit direction: rescaled copies give the same row
+        ablate = evaluate_steering(
+            tgt,
+            chat(tgt, h_ev),
+            {k: v for k, v in vectors.items() if k in ("native", "transferred", REF)},
+            alphas=[1.0],
+            mode="ablate",
+            layers="all",
+            judge="refusal",
+            ppl_texts=ppl_texts,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+        lap("ablate on harmful prompts", t0)
     for name, rep in (("add", add), ("ablate", ablate)):
-        fig = rep.plot()
-        fig.savefig(f"benchmarks/figures/steering_{name}_{args.tag}.png", dpi=110, bbox_inches="tight")
+        if rep is not None:
+            fig = rep.plot()
+            fig.savefig(f"benchmarks/figures/steering_{name}_{args.tag}.png", dpi=110, bbox_inches="tight")
 
     # 4. throughput
     thr = None
@@ -284,7 +324,7 @@ def main() -> None:
 
     with open(f"benchmarks/steering_completions_{args.tag}.jsonl", "w") as f:
         for mode, rep, prompts in (("add", add, s_ev), ("ablate", ablate, h_ev)):
-            for r in rep.rows:
+            for r in rep.rows if rep is not None else []:
                 for p, c, h in zip(prompts, r["completions"], r["hits"], strict=True):
                     f.write(
                         json.dumps(
@@ -301,6 +341,8 @@ def main() -> None:
                     )
 
     def slim(rep):
+        if rep is None:
+            return None
         return {
             "meta": rep.meta,
             "rows": [{k: v for k, v in r.items() if k not in ("completions", "hits")} for r in rep.rows],
@@ -311,13 +353,15 @@ def main() -> None:
         return [k for k in dict.fromkeys(r["label"] for r in rep.rows) if k not in ("none", "native", *skip)]
 
     ratios = {k: add.ratio(k, "native") for k in compared(add, skip=("random",))}
-    none_ab = ablate.rate("none")
-    removal = {
-        k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
-        if none_ab > ablate.rate("native", 1.0)
-        else float("nan")
-        for k in compared(ablate)
-    }
+    removal = {}
+    if ablate is not None:
+        none_ab = ablate.rate("none")
+        removal = {
+            k: (none_ab - ablate.rate(k, 1.0)) / (none_ab - ablate.rate("native", 1.0))
+            if none_ab > ablate.rate("native", 1.0)
+            else float("nan")
+            for k in compared(ablate)
+        }
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "src": f"{SRC} L{args.src_layer}",
@@ -359,14 +403,18 @@ def main() -> None:
         "",
         "transferred / native refusal rate at each alpha: "
         + "; ".join(f"{k}: " + ", ".join(f"{a:g}: {r:.2f}" for a, r in v.items()) for k, v in ratios.items()),
-        "",
-        "## Ablating the direction at every layer on harmful prompts (refusal rate; lower = steering works)",
-        "",
-        ablate.to_markdown(),
-        "",
-        "refusal removed relative to the native vector: "
-        + ", ".join(f"{k}: {v:.2f}" for k, v in removal.items()),
     ]
+    if ablate is not None:
+        lines += [
+            "",
+            "## Ablating the direction at every layer on harmful prompts "
+            "(refusal rate; lower = steering works)",
+            "",
+            ablate.to_markdown(),
+            "",
+            "refusal removed relative to the native vector: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in removal.items()),
+        ]
     if thr:
         lines += [
             "",

@@ -455,3 +455,40 @@ def test_at_keeps_one_hook_of_a_multi_layer_vector(tiny_tl):
     one = v.at(v.hooks[1])
     assert one.hooks == [v.hooks[1]] and torch.equal(one.direction(), v.direction(v.hooks[1]))
     assert one.act_norm == {v.hooks[1]: v.act_norm[v.hooks[1]]} and one.model == v.model
+
+
+def test_row_scales_match_numpy_and_spread_recalibration_uses_them():
+    from xferlens.activations.align import Pairs
+    from xferlens.mappers.fit import row_norms
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5, generator=g) * 2 + 10  # a large shared offset, as at a template position
+    y = torch.randn(37, 3, generator=g) * 0.5 - 4
+    idx = torch.arange(37)
+    pairs = Pairs(x, y, idx, idx, idx, "position", {"src": 1.0, "tgt": 1.0})
+    got = row_norms(pairs, batch_size=8)  # several batches
+    for side, a in (("src", x.double().numpy()), ("tgt", y.double().numpy())):
+        assert got[f"{side}_norm"] == pytest.approx(np.linalg.norm(a, axis=1).mean(), rel=1e-9)
+        spread = np.sqrt(((a - a.mean(0)) ** 2).sum(1).mean())
+        assert got[f"{side}_spread"] == pytest.approx(spread, rel=1e-9)
+    assert got["src_spread"] < got["src_norm"] / 2  # the offset is left out
+
+    d = 4
+    m = AffineMapper(d, d).set_solution(torch.eye(d) * 3.0, torch.zeros(d))
+    m.meta = {"src": {"hook": resid_post(0)}, "tgt": {"hook": resid_post(0)}, "training": dict(got)}
+    m.meta["training"].update(src_norm=10.0, tgt_norm=20.0, src_spread=2.0, tgt_spread=8.0)
+    v = SteeringVector({resid_post(0): torch.tensor([1.0, 0.0, 0.0, 0.0])}, {"d_model": d})
+    assert transfer(v, m).norm() == pytest.approx(3.0)
+    assert transfer(v, m, recalibrate=True).norm() == pytest.approx(2.0)  # 1 / 10 * 20
+    assert transfer(v, m, recalibrate="norm").norm() == pytest.approx(2.0)
+    t = transfer(v, m, recalibrate="spread")
+    assert t.norm() == pytest.approx(4.0)  # 1 / 2 * 8
+    assert t.recipe["recalibrated"] == "spread" and t.recipe["recalibration_scale"] == pytest.approx(4 / 3)
+    # the test-time type checker refuses the value first; at run time the ValueError does
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises((ValueError, TypeCheckError), match="'norm', 'spread'|'norm' or 'spread'"):
+        transfer(v, m, recalibrate="mean")
+    del m.meta["training"]["src_spread"]
+    with pytest.raises(ValueError, match="refit"):
+        transfer(v, m, recalibrate="spread")

@@ -19,14 +19,28 @@ def _side_meta(meta: dict, role: str) -> dict:
 
 
 def row_norms(pairs: PairSource, batch_size: int = 8192) -> dict:
-    """Mean L2 norm of the source and target rows (``src_norm``, ``tgt_norm``): the typical
-    activation scale on each side, which ``transfer`` uses to recalibrate vector norms."""
-    n, s, t = 0, 0.0, 0.0
+    """The typical activation scale on each side, which ``transfer`` uses to recalibrate
+    vector norms: the rows' mean L2 norm (``src_norm``, ``tgt_norm``) and their centred
+    spread, the RMS distance to the mean row (``src_spread``, ``tgt_spread``), which leaves
+    out the offset every row shares."""
+    n = 0
+    sums = {"src": None, "tgt": None}
+    norm = {"src": 0.0, "tgt": 0.0}
+    sq = {"src": 0.0, "tgt": 0.0}
     for x, y in pairs.batches(batch_size):
         n += len(x)
-        s += float(x.float().norm(dim=-1).double().sum())
-        t += float(y.float().norm(dim=-1).double().sum())
-    return {"src_norm": s / max(n, 1), "tgt_norm": t / max(n, 1)}
+        for side, rows in (("src", x), ("tgt", y)):
+            r = rows.double()
+            norm[side] += float(r.norm(dim=-1).sum())
+            sq[side] += float(r.pow(2).sum())
+            total = r.sum(0)
+            sums[side] = total if sums[side] is None else sums[side] + total
+    out = {}
+    for side in ("src", "tgt"):
+        out[f"{side}_norm"] = norm[side] / max(n, 1)
+        mean_sq = float(sums[side].div(n).pow(2).sum()) if n else 0.0
+        out[f"{side}_spread"] = max(sq[side] / max(n, 1) - mean_sq, 0.0) ** 0.5
+    return out
 
 
 def fit_mapper(

@@ -13,16 +13,21 @@ Two ways to read a vector ``v`` through a map ``M``:
 ``method="auto"`` (the default) picks ``"linear"`` for linear maps (where both agree and
 no activations are needed) and ``"mean_difference"`` otherwise.
 
-Norm recalibration (``recalibrate=True``): a map fitted by least squares shrinks
-directions it cannot predict well, so the transferred vector comes out too short. We
-rescale it so its norm *relative to the target layer's typical activation norm* equals
-the source vector's norm relative to the source layer's typical norm (both typical
-norms are the mean row norms of the mapper's training pairs). The paper did not
-recalibrate; on maps fitted on general text it recovered much of the lost effect, but it
-assumes the concept is as strong, relative to the layer, in both models. Qwen 0.5B's
-refusal direction is relatively weaker than 1.5B's (0.11 vs 0.18 of the typical norm), so
-on a last-token map it shrank the vector further (0.68x of native at alpha 2 vs 0.89x
-raw). Evaluations report both.
+Norm recalibration (``recalibrate=``): a map fitted by least squares shrinks directions it
+cannot predict well, so the transferred vector comes out too short. We rescale it so its
+norm *relative to the target layer's typical scale* equals the source vector's relative
+to the source layer's; both scales are recorded from the mapper's training rows.
+``"norm"`` (or ``True``) takes the rows' mean L2 norm as the scale, ``"spread"`` their
+centred spread (RMS distance to the mean row), which leaves out the offset every row
+shares — at a fixed template position most of a row's norm. The paper did not
+recalibrate; on maps fitted on general text it recovered much of the lost effect. Both
+assume the concept is as strong, relative to the layer, in both models, and that is a
+property of the pair, not of the map (benchmarks/bench_recalibration.py, last-token
+refusal vectors, 8 prompt splits): SmolLM2 L15 -> Qwen 0.5B L10 meets it by spread
+(0.42 vs 0.41; "spread" gives 0.99 of the native vector's length along it, "norm" 0.85,
+raw 0.93), Qwen 0.5B L10 -> 1.5B L12 does not (0.42 vs 0.57; "spread" 0.73, "norm" 0.65,
+raw 0.89), and there recalibrating makes the vector shorter. Evaluations report raw and
+recalibrated side by side.
 
 Where to fit the map: where the vector lives. A difference-of-means refusal vector is
 read (and acts) at the last prompt token, a template position; a map fitted on every
@@ -70,7 +75,7 @@ def transfer(
     *,
     source_rows: Tensor | None = None,
     method: Literal["auto", "linear", "mean_difference"] = "auto",
-    recalibrate: bool = False,
+    recalibrate: bool | Literal["norm", "spread"] = False,
     hook: str | None = None,
     tgt_hook: str | None = None,
 ) -> SteeringVector:
@@ -82,7 +87,9 @@ def transfer(
         source_rows: ``[n, d_src]`` real source activations at that hook (e.g. the
             mapper's training pairs' ``src``); needed by ``"mean_difference"``.
         method: ``"auto"``, ``"linear"`` or ``"mean_difference"`` (module doc).
-        recalibrate: rescale to the source vector's relative norm (module doc).
+        recalibrate: rescale to the source vector's relative norm (module doc):
+            ``"norm"`` (or ``True``) relative to the layer's mean activation norm,
+            ``"spread"`` relative to its centred spread; ``False``: raw.
         hook: which of the vector's hooks to transfer (default: its only one).
         tgt_hook: target hook name when the mapper does not record one.
 
@@ -121,18 +128,24 @@ def transfer(
     else:
         raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
     training = mapper.meta.get("training") or {}
-    src_norm, tgt_norm = training.get("src_norm"), training.get("tgt_norm")
+    tgt_norm = training.get("tgt_norm")
     raw_norm = float(t.norm())
     scale = 1.0
+    if recalibrate is True:
+        recalibrate = "norm"
+    if recalibrate not in (False, "norm", "spread"):
+        raise ValueError(f"recalibrate must be False, True, 'norm' or 'spread', not {recalibrate!r}")
     if recalibrate:
-        if not (src_norm and tgt_norm):
+        src_scale, tgt_scale = training.get(f"src_{recalibrate}"), training.get(f"tgt_{recalibrate}")
+        if not (src_scale and tgt_scale):
             raise ValueError(
-                "recalibrate=True needs the typical activation norms recorded when the mapper was fitted "
-                "(mapper.meta['training']['src_norm'/'tgt_norm']); refit with this version of fit_mapper"
+                f"recalibrate={recalibrate!r} needs the activation scales recorded when the mapper was "
+                f"fitted (mapper.meta['training']['src_{recalibrate}'/'tgt_{recalibrate}']); refit "
+                "with this version of fit_mapper"
             )
         if raw_norm == 0:
             raise ValueError("the transferred vector is zero; cannot recalibrate its norm")
-        scale = (vector.norm(hook) / src_norm) * tgt_norm / raw_norm
+        scale = (vector.norm(hook) / src_scale) * tgt_scale / raw_norm
         t = t * scale
     model = {k: v for k, v in (mapper.meta.get("tgt") or {}).items() if k != "hook"}
     if not model:
