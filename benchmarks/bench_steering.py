@@ -14,9 +14,12 @@
    builds the target's own vector from N other prompts, the yardstick for transferred /
    native; ``--draw shuffled`` draws every harmful set at random from the whole
    HarmBench + Do-Not-Answer mixture (the default takes each split half in dataset order).
+   ``--native-scales 0.95 0.9`` adds the native vector shortened by those factors and
+   ``--dose-matched`` the transferred one at native's length along native (a diagnostic
+   that uses the target's own vector): what a shorter dose, or the direction alone, costs.
 3. On *evaluation* prompts: adding each vector to harmless prompts at every alpha of the
    sweep (refusal rate should rise), and ablating it at every layer on harmful prompts
-   (refusal rate should fall); always beside no steering and a random vector of the
+   (refusal rate should fall; ``--no-ablate`` skips it); always beside no steering and a random vector of the
    native vector's norm; perplexity of each condition on general text.
 4. Throughput of batched steered generation against HF ``generate`` on the same prompts.
 
