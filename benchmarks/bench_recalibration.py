@@ -36,7 +36,6 @@ from bench_steering import draw_prompts  # noqa: E402
 
 from xferlens import chat_prompts, load_model  # noqa: E402
 from xferlens.activations import paired_activations  # noqa: E402
-from xferlens.identity import model_identity  # noqa: E402
 from xferlens.mappers import fit_mapper  # noqa: E402
 from xferlens.steering import diff_of_means, transfer  # noqa: E402
 from xferlens.steering.vector import SteeringVector  # noqa: E402
@@ -74,7 +73,6 @@ def run_pair(key: str, n: int, splits: int) -> dict:
     with torch.no_grad():
         mapped = mapper(fit.src.float()).double()
     training = mapper.meta["training"]
-    identity = model_identity(src)
     gen = torch.Generator().manual_seed(0)
     out: dict[str, list[float]] = {}
     for k in range(splits):
@@ -86,14 +84,15 @@ def run_pair(key: str, n: int, splits: int) -> dict:
 
         vs = diff("src", ph[:n], ps[:n])
         native, twin = diff("tgt", ph[:n], ps[:n]), diff("tgt", ph[n:], ps[n:])
-        v = SteeringVector({v0.hook: vs.float()}, identity, {"method": "diff_of_means (rows)"})
-        raw = transfer(v, mapper).direction().double()
-        rec = transfer(v, mapper, recalibrate=True).direction().double()
+        v = SteeringVector({v0.hook: vs.float()}, v0.model, {"method": "diff_of_means (rows)"})
+        raw, rec_norm, rec_spread = (
+            transfer(v, mapper, recalibrate=r).direction().double() for r in (False, "norm", "spread")
+        )
         u = raw / raw.norm()
         scaled = {
             "raw": raw,
-            "recalibrated (mean norm)": rec,
-            "recalibrated (centred spread)": transfer(v, mapper, recalibrate="spread").direction().double(),
+            "recalibrated (mean norm)": rec_norm,
+            "recalibrated (centred spread)": rec_spread,
             "shrinkage-corrected": raw * float((fy @ u).std() / (mapped @ u).std()),
         }
         un, uw = native / native.norm(), twin / twin.norm()

@@ -19,8 +19,8 @@
    that uses the target's own vector): what a shorter dose, or the direction alone, costs.
 3. On *evaluation* prompts: adding each vector to harmless prompts at every alpha of the
    sweep (refusal rate should rise), and ablating it at every layer on harmful prompts
-   (refusal rate should fall; ``--no-ablate`` skips it); always beside no steering and a random vector of the
-   native vector's norm; perplexity of each condition on general text.
+   (refusal rate should fall; ``--no-ablate`` skips it); always beside no steering and a
+   random vector of the native vector's norm; perplexity of each condition on general text.
 4. Throughput of batched steered generation against HF ``generate`` on the same prompts.
 
 Writes ``benchmarks/steering_{tag}.json`` / ``.md``, figures, and every completion to
@@ -30,6 +30,7 @@ Writes ``benchmarks/steering_{tag}.json`` / ``.md``, figures, and every completi
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -279,35 +280,27 @@ def main() -> None:
 
     # 3. add on harmless prompts; ablate at every layer on harmful prompts
     t0 = time.perf_counter()
-    add = evaluate_steering(
+    evaluate = partial(
+        evaluate_steering,
         tgt,
-        chat(tgt, s_ev),
-        vectors,
-        alphas=args.alphas,
-        mode="add",
         judge="refusal",
         ppl_texts=ppl_texts,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=False,
     )
+    add = evaluate(chat(tgt, s_ev), vectors, alphas=args.alphas, mode="add")
     lap("add on harmless prompts", t0)
     ablate = None
     if not args.no_ablate:
         t0 = time.perf_counter()
         # ablation removes the unit direction: rescaled copies give the same row
-        ablate = evaluate_steering(
-            tgt,
+        ablate = evaluate(
             chat(tgt, h_ev),
             {k: v for k, v in vectors.items() if k in ("native", "transferred", REF)},
             alphas=[1.0],
             mode="ablate",
             layers="all",
-            judge="refusal",
-            ppl_texts=ppl_texts,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            progress=False,
         )
         lap("ablate on harmful prompts", t0)
     for name, rep in (("add", add), ("ablate", ablate)):
