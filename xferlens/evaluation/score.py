@@ -403,3 +403,54 @@ def steering_scores(
         batch_size=batch_size,
         progress=progress,
     )[0]
+
+
+def dose_response(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    vectors: dict[str, SteeringVector],
+    alphas: Sequence[float],
+    openings: "str | Sequence[str] | Openings" = "refusal",
+    *,
+    random_control: bool = True,
+    seed: int = 0,
+    mode: Literal["add", "ablate"] = "add",
+    layers: Literal["all"] | Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+):
+    """Score every prompt under every vector at every alpha (and unsteered): a
+    :class:`~xferlens.evaluation.dose.DoseResponse`.
+
+    ``vectors``: ``{label: vector}``; the first is the reference whose norm the random
+    control (label ``"random"``, a seeded Gaussian direction) copies.
+    """
+    from xferlens.evaluation.dose import DoseResponse
+    from xferlens.evaluation.steering import random_like
+
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas) or alphas != sorted(set(alphas)):
+        raise ValueError(f"alphas must be positive, finite and increasing, got {alphas}")
+    if not vectors:
+        raise ValueError("vectors is empty: pass at least one {label: SteeringVector}")
+    vecs = dict(vectors)
+    if random_control:
+        vecs["random"] = random_like(next(iter(vectors.values())), seed)
+    conds: list[Condition] = [(None, 0.0)] + [(v, a) for v in vecs.values() for a in alphas]
+    s = score_conditions(
+        model, prompts, openings, conds, mode=mode, layers=layers, batch_size=batch_size, progress=progress
+    ).numpy()
+    k = len(alphas)
+    scores = {lab: s[1 + i * k : 1 + (i + 1) * k] for i, lab in enumerate(vecs)}
+    from xferlens.activations.cache import texts_fingerprint
+
+    meta = {
+        "model": model.cfg.model_name,
+        "openings": resolve_openings(openings).name,
+        "mode": mode,
+        "n_prompts": len(prompts),
+        "prompts_fingerprint": texts_fingerprint(prompts),
+        "norms": {lab: v.norm() for lab, v in vecs.items()},
+        "seed": seed,
+    }
+    return DoseResponse(alphas, s[0], scores, meta)

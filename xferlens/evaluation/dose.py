@@ -1,0 +1,283 @@
+"""Dose-response of steering vectors on the continuous score, and the native-equivalent dose.
+
+A :class:`DoseResponse` holds the score (:mod:`xferlens.evaluation.score`) of every prompt
+under every (vector, alpha) of a grid, plus the unsteered model (alpha 0 for every vector).
+Rules:
+
+- Intervals are percentile bootstraps over prompts; every condition is resampled with the
+  same prompt indices (the conditions are paired: same prompts).
+- The **native-equivalent dose** of a vector ``T`` against a reference ``N`` (the target's
+  own vector) is the scale ``c`` for which ``N x c`` best matches ``T``'s curve: it
+  minimises the mean squared difference between ``T``'s mean score at each alpha and
+  ``N``'s mean score at ``c * alpha``, read by linear interpolation on ``N``'s measured
+  curve (``0`` is the unsteered point). Points where ``c * alpha`` falls beyond the grid
+  are left out (no extrapolation); ``c`` is searched on ``[0, c_max]``. ``c = 1`` means the
+  vector acts like the native one; a random direction gets ``c`` near 0.
+- The dose **at each alpha** inverts ``N``'s curve (made monotone by a running maximum):
+  the ``c`` with ``N(c * alpha) = T(alpha)``; ``nan`` where ``T(alpha)`` lies above what
+  ``N`` reaches on the grid.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+C_MAX = 2.5
+C_STEP = 0.005
+
+
+def _interp_weights(xs: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weights to read a curve sampled at sorted ``xs`` at points ``q``
+    (``valid`` false beyond the last sample)."""
+    valid = q <= xs[-1] + 1e-12
+    qc = np.clip(q, xs[0], xs[-1])
+    hi = np.clip(np.searchsorted(xs, qc, side="right"), 1, len(xs) - 1)
+    lo = hi - 1
+    w = (qc - xs[lo]) / np.maximum(xs[hi] - xs[lo], 1e-12)
+    return lo, hi, w, valid
+
+
+def equivalent_dose(
+    alphas: Sequence[float] | np.ndarray,
+    reference: np.ndarray,
+    curve: np.ndarray,
+    *,
+    c_max: float = C_MAX,
+    step: float = C_STEP,
+) -> np.ndarray:
+    """The native-equivalent dose (module doc) for each row of a batch of curves.
+
+    Args:
+        alphas: the grid, positive and increasing (``K`` values).
+        reference: ``[B, K + 1]`` the reference's mean score at ``0, *alphas``.
+        curve: ``[B, K]`` the compared vector's mean score at ``alphas``.
+
+    Returns:
+        ``[B]`` doses (``nan`` where fewer than two points are comparable at every ``c``).
+    """
+    a = np.asarray(alphas, dtype=float)
+    if a.ndim != 1 or len(a) < 1 or np.any(a <= 0) or np.any(np.diff(a) <= 0):
+        raise ValueError(f"alphas must be positive and increasing, got {list(alphas)}")
+    reference, curve = np.atleast_2d(reference), np.atleast_2d(curve)
+    xs = np.concatenate([[0.0], a])
+    cs = np.arange(0.0, c_max + step / 2, step)
+    lo, hi, w, valid = _interp_weights(xs, cs[:, None] * a[None, :])  # [C, K]
+    pred = reference[:, lo] * (1 - w) + reference[:, hi] * w  # [B, C, K]
+    err = (curve[:, None, :] - pred) ** 2
+    err = np.where(valid[None], err, np.nan)
+    need = min(2, len(a))
+    enough = valid.sum(1) >= need
+    with np.errstate(invalid="ignore"):
+        loss = np.nanmean(np.where(enough[None, :, None], err, np.nan), axis=2)  # [B, C]
+    out = np.full(len(curve), np.nan)
+    ok = ~np.all(np.isnan(loss), axis=1)
+    out[ok] = cs[np.nanargmin(loss[ok], axis=1)]
+    return out
+
+
+def dose_at_each_alpha(
+    alphas: Sequence[float] | np.ndarray, reference: np.ndarray, curve: np.ndarray
+) -> np.ndarray:
+    """``[B, K]``: for each alpha, the ``c`` with ``ref(c * alpha) = curve(alpha)`` (module doc)."""
+    a = np.asarray(alphas, dtype=float)
+    reference, curve = np.atleast_2d(reference), np.atleast_2d(curve)
+    xs = np.concatenate([[0.0], a])
+    out = np.full(curve.shape, np.nan)
+    for b in range(len(curve)):
+        ref = np.maximum.accumulate(reference[b])
+        for k, y in enumerate(curve[b]):
+            if y <= ref[0]:
+                out[b, k] = 0.0
+            elif y <= ref[-1]:
+                j = int(np.searchsorted(ref, y, side="left"))
+                j = max(1, j)
+                span = ref[j] - ref[j - 1]
+                x = xs[j - 1] + (xs[j] - xs[j - 1]) * ((y - ref[j - 1]) / span if span > 0 else 1.0)
+                out[b, k] = x / a[k]
+    return out
+
+
+@dataclass
+class DoseEstimate:
+    """A dose with its bootstrap interval, and the per-alpha doses with theirs."""
+
+    label: str
+    reference: str
+    dose: float
+    ci: tuple[float, float]
+    per_alpha: list[float]
+    per_alpha_ci: list[tuple[float, float]]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.percentile(x, q)) if len(x) else math.nan
+
+
+@dataclass
+class DoseResponse:
+    """Per-prompt scores under every vector and alpha, with the unsteered model.
+
+    Attributes:
+        alphas: the grid (positive, increasing).
+        none: ``[n]`` the unsteered scores.
+        scores: ``{label: [K, n]}`` per vector.
+        meta: model, openings, prompt count and fingerprint, norms.
+    """
+
+    alphas: list[float]
+    none: np.ndarray
+    scores: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.none = np.asarray(self.none, dtype=float)
+        self.scores = {k: np.asarray(v, dtype=float) for k, v in self.scores.items()}
+        for k, v in self.scores.items():
+            if v.shape != (len(self.alphas), len(self.none)):
+                raise ValueError(
+                    f"scores[{k!r}] has shape {v.shape}; expected (alphas, prompts) = "
+                    f"({len(self.alphas)}, {len(self.none)})"
+                )
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.scores)
+
+    @property
+    def n(self) -> int:
+        return len(self.none)
+
+    def _boot_idx(self, n_boot: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, self.n, size=(n_boot, self.n))
+
+    def curve(self, label: str, idx: np.ndarray | None = None) -> np.ndarray:
+        """Mean score at ``0, *alphas`` (``[K + 1]``; ``[B, K + 1]`` over bootstrap indices)."""
+        if label != "none" and label not in self.scores:
+            raise KeyError(f"no condition {label!r}; have {['none', *self.labels]}")
+        if idx is None:
+            none = self.none.mean()
+            rest = self.scores[label].mean(1) if label != "none" else np.full(len(self.alphas), none)
+            return np.concatenate([[none], rest])
+        none = self.none[idx].mean(1)
+        if label == "none":
+            return np.repeat(none[:, None], len(self.alphas) + 1, axis=1)
+        rest = self.scores[label][:, idx].mean(2).T  # [B, K]
+        return np.concatenate([none[:, None], rest], axis=1)
+
+    def intervals(self, label: str, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+        """``[K + 1, 2]`` bootstrap 95 % intervals of the mean score at ``0, *alphas``."""
+        boot = self.curve(label, self._boot_idx(n_boot, seed))
+        return np.stack([np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)], axis=1)
+
+    def equivalent_dose(
+        self, label: str, reference: str = "native", n_boot: int = 1000, seed: int = 0
+    ) -> DoseEstimate:
+        """``label``'s native-equivalent dose against ``reference`` (module doc), with a
+        bootstrap 95 % interval over prompts."""
+        ref, cur = self.curve(reference), self.curve(label)[1:]
+        c = float(equivalent_dose(self.alphas, ref[None], cur[None])[0])
+        per = dose_at_each_alpha(self.alphas, ref[None], cur[None])[0]
+        idx = self._boot_idx(n_boot, seed)
+        bref, bcur = self.curve(reference, idx), self.curve(label, idx)[:, 1:]
+        cb = equivalent_dose(self.alphas, bref, bcur)
+        pb = dose_at_each_alpha(self.alphas, bref, bcur)
+        return DoseEstimate(
+            label,
+            reference,
+            c,
+            (_pct(cb, 2.5), _pct(cb, 97.5)),
+            [float(x) for x in per],
+            [(_pct(pb[:, k], 2.5), _pct(pb[:, k], 97.5)) for k in range(len(self.alphas))],
+        )
+
+    def difference(self, label: str, other: str, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+        """Per alpha: mean score of ``label`` minus ``other`` with a paired bootstrap interval."""
+        idx = self._boot_idx(n_boot, seed)
+        d = self.curve(label)[1:] - self.curve(other)[1:]
+        db = self.curve(label, idx)[:, 1:] - self.curve(other, idx)[:, 1:]
+        return [
+            {"alpha": a, "diff": float(d[k]), "ci": (_pct(db[:, k], 2.5), _pct(db[:, k], 97.5))}
+            for k, a in enumerate(self.alphas)
+        ]
+
+    def mean_probability(self, label: str) -> np.ndarray:
+        """Mean P(opening) at ``0, *alphas`` (the score on the probability scale)."""
+        sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+        none = sig(self.none).mean()
+        if label == "none":
+            return np.full(len(self.alphas) + 1, none)
+        return np.concatenate([[none], sig(self.scores[label]).mean(1)])
+
+    # ------------------------------------------------------------ views
+
+    def to_dict(self) -> dict:
+        return {
+            "alphas": list(self.alphas),
+            "none": self.none.tolist(),
+            "scores": {k: v.tolist() for k, v in self.scores.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DoseResponse":
+        return cls(
+            list(d["alphas"]),
+            np.asarray(d["none"]),
+            {k: np.asarray(v) for k, v in d["scores"].items()},
+            d.get("meta", {}),
+        )
+
+    def to_markdown(self, n_boot: int = 1000, seed: int = 0) -> str:
+        """Mean log-odds with 95 % intervals (and mean P(opening)) per condition and alpha."""
+        head = "| condition | " + " | ".join(f"alpha {a:g}" for a in self.alphas) + " |"
+        lines = [
+            f"Mean log-odds that the reply opens as `{self.meta.get('openings', '?')}` "
+            f"(n = {self.n} prompts per condition; 95 % bootstrap intervals; mean P(opening) below).",
+            "",
+            head,
+            "|" + "---|" * (len(self.alphas) + 1),
+        ]
+        ci = self.intervals("none", n_boot, seed)[0]
+        p0 = self.mean_probability("none")[0]
+        lines.append(
+            f"| none | {self.none.mean():.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (P {p0:.2f}) |"
+            + " |" * (len(self.alphas) - 1)
+        )
+        for lab in self.labels:
+            m, iv, pr = (
+                self.curve(lab)[1:],
+                self.intervals(lab, n_boot, seed)[1:],
+                self.mean_probability(lab)[1:],
+            )
+            cells = [f"{m[k]:.2f} [{iv[k, 0]:.2f}, {iv[k, 1]:.2f}] (P {pr[k]:.2f})" for k in range(len(m))]
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, ax=None, n_boot: int = 1000, seed: int = 0):
+        """Mean score against alpha per condition, 95 % bands; the unsteered score at 0."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5.8, 3.8))
+        xs = [0.0, *self.alphas]
+        for lab in self.labels:
+            m, iv = self.curve(lab), self.intervals(lab, n_boot, seed)
+            (line,) = ax.plot(xs, m, marker="o", ms=3, label=lab)
+            ax.fill_between(xs, iv[:, 0], iv[:, 1], color=line.get_color(), alpha=0.15)
+        ax.axhline(self.none.mean(), color="gray", ls="--", lw=0.8, label="none")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("mean log-odds of the opening")
+        ax.set_title(
+            f"{self.meta.get('model', '')}: n = {self.n} prompts, openings {self.meta.get('openings', '')}",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7)
+        return fig if fig is not None else ax.figure
