@@ -21,12 +21,20 @@ def test_quick_demo_writes_a_report_and_resumes(tmp_path, capsys):
     status = json.loads((out / "status.json").read_text())
     assert status["complete"] and status["done"] == list(STEPS)
     report = (out / "report.md").read_text()
-    assert "qwen2.5-coder-0.5b-instruct" in report and "## Side-by-side completions" in report
-    for fig in ("layer_pairs", "report_card_affine", "alpha_sweep", "success_bars"):
+    assert "qwen2.5-coder-0.5b-instruct" in report and "### Side-by-side completions" in report
+    assert report.splitlines()[2].startswith("**Result.**") and "native-equivalent dose" in report
+    for fig in ("layer_pairs", "report_card_affine", "dose_response", "confirmation_bars"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
-    steering = json.loads((out / "steering.json").read_text())
-    n = demo_spec(quick=True).evaluation.prompts
-    assert all(len(r["completions"]) == n and all(r["completions"]) for r in steering["rows"])
+    spec = demo_spec(quick=True)
+    scores = json.loads((out / "scores.json").read_text())
+    dr = scores["dose_response"]
+    assert len(dr["none"]) == spec.evaluation.prompts
+    assert all(len(v) == len(spec.evaluation.alphas) for v in dr["scores"].values())
+    # the native vector raises the refusal score over the unsteered model at the top alpha
+    assert sum(dr["scores"]["native"][-1]) > sum(dr["none"])
+    conf = json.loads((out / "confirmation.json").read_text())
+    n = spec.evaluation.confirm_prompts
+    assert all(len(r["completions"]) == n and all(r["completions"]) for r in conf["rows"])
     # a rerun resumes from the folder: no model is loaded, nothing recomputed
     t0 = time.perf_counter()
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

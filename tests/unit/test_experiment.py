@@ -60,10 +60,18 @@ def tiny_spec(**over) -> dict:
             "positive": [f"I hate the rain {i}" for i in range(4)],
             "negative": [f"I love the sun {i}" for i in range(4)],
             "eval_prompts": [f"Tell me about the town {i}" for i in range(3)],
+            "fit_prompts": [
+                f"Describe the {w} in the town, number {i}" for i in range(8) for w in ("cat", "rain")
+            ],
+            "twin_prompts": 0,
         },
         "evaluation": {
             "prompts": 3,
             "alphas": [1.0, 8.0],
+            "openings": "opening:the",
+            "bootstrap": 200,
+            "confirm_prompts": 3,
+            "confirm_alphas": [8.0],
             "max_new_tokens": 3,
             "judge": "substring:the",
             "ppl_texts": 2,
@@ -88,24 +96,60 @@ def test_full_tiny_run_writes_a_report_and_resumes_without_recomputing(pair, tmp
     folder = tmp_path / "run"
     status = json.loads((folder / "status.json").read_text())
     assert status["complete"] and status["done"] == list(STEPS)
-    for fig in ("layer_pairs", "alpha_sweep", "success_bars", "report_card_affine", "report_card_orthogonal"):
+    for fig in (
+        "layer_pairs",
+        "dose_response",
+        "confirmation",
+        "confirmation_bars",
+        "report_card_affine",
+        "report_card_orthogonal",
+    ):
         assert (folder / "figures" / f"{fig}.png").stat().st_size > 1000, fig
     report = (folder / "report.md").read_text()
-    for section in ("## Layer pair", "## Mappers", "### Report cards", "## Steering the target", "random"):
+    assert report.splitlines()[2].startswith("**Result.**")  # the dose is in the first lines
+    for section in ("## Layer pair", "## Mappers", "### Report cards", "## Dose-response", "random"):
+        assert section in report
+    for section in ("### Native-equivalent dose", "## Confirmation by judged generations", "Side-by-side"):
         assert section in report
     # the searched pair is the best-scoring one, and is what the mapper was fitted between
     lay = run.results["layers"]
     best = max(max(row) for row in lay["scores"])
     assert lay["score"] == pytest.approx(best)
-    # every condition judged every prompt; the controls are there
-    rows = run.results["steering"]["rows"]
+    # fit_on: last pairs one row per fit prompt (their last tokens), nothing else
+    assert run.results["mappers"]["rows"] == len(spec.vector.fit_prompts) == run.results["mappers"]["texts"]
+    # every prompt scored under every vector and alpha; the native vector's dose against itself is 1
+    sc = run.results["scores"]
+    dr = sc["dose_response"]
+    assert set(dr["scores"]) >= {"native", "transferred", "random"}
+    assert all(len(v) == 2 and all(len(x) == 3 for x in v) for v in dr["scores"].values())
+    assert set(sc["doses"]) >= {"transferred", "random"}
+    # every confirmation condition judged every prompt; the controls are there
+    rows = run.results["confirmation"]["rows"]
     assert {r["label"] for r in rows} >= {"none", "native", "transferred", "random"}
     assert all(len(r["completions"]) == 3 for r in rows)
     # a rerun reads every step back: nothing recomputed, no model needed
     monkeypatch.setattr(run_mod, "STEP_FUNCS", {s: None for s in STEPS})
     again = run_experiment(spec, folder, progress=False, log=None)
-    assert again.results["steering"] == run.results["steering"]
+    assert again.results["scores"] == run.results["scores"]
     assert (folder / "report.md").read_text().split("Steps took")[1] == report.split("Steps took")[1]
+
+
+def test_an_autoencoder_spec_runs_end_to_end(pair, tmp_path):
+    d = tiny_spec(
+        name="ae",
+        search={"texts": 0},
+        source={"layer": 1},
+        target={"layer": 1},
+        mapper={
+            "kinds": ["autoencoder"],
+            "use": "autoencoder",
+            "report_texts": 0,
+            "config": {"autoencoder": {"max_epochs": 2, "hidden": 16}},
+        },
+        evaluation={"confirm_alphas": [], "confirm_prompts": 0, "ppl_texts": 0},
+    )
+    run = run_experiment(spec_from_dict(d), tmp_path / "ae", models=pair, progress=False, log=None)
+    assert run.complete and "transferred" in run.results["scores"]["doses"]
 
 
 def test_an_interrupted_run_has_no_report_and_resumes_at_the_failed_step(pair, tmp_path, monkeypatch):
@@ -133,7 +177,9 @@ def test_an_interrupted_run_has_no_report_and_resumes_at_the_failed_step(pair, t
 
     monkeypatch.setattr(run_mod, "STEP_FUNCS", {s: counted(s) for s in STEPS})
     run = run_experiment(spec, folder, models=pair, progress=False, log=None)
-    assert calls == ["vectors", "steering"] and run.complete and (folder / "report.md").is_file()
+    assert (
+        calls == ["vectors", "scores", "confirmation"] and run.complete and (folder / "report.md").is_file()
+    )
 
 
 def test_another_spec_into_the_same_folder_is_refused(pair, tmp_path):
@@ -164,6 +210,24 @@ def test_another_spec_into_the_same_folder_is_refused(pair, tmp_path):
         ({"corpus": CORPUS[:5]}, "corpus: 5 texts"),
         ({"vector": {"task": "sentiment"}}, "vector.task"),
         ({"name": "../up"}, "plain folder name"),
+        ({"evaluation": {"ppl_texts": -3}}, "evaluation.ppl_texts: -3; must be >= 0"),
+        ({"evaluation": {"batch_size": 0}}, "evaluation.batch_size: 0; must be >= 1"),
+        ({"evaluation": {"max_new_tokens": -1}}, "evaluation.max_new_tokens: -1"),
+        ({"evaluation": {"alphas": [1.0, float("inf")]}}, r"alphas\[1\]: inf is not a finite number"),
+        ({"evaluation": {"alphas": [2.0, 1.0]}}, "positive, increasing"),
+        ({"evaluation": {"confirm_alphas": [3.0]}}, "not on the grid"),
+        ({"evaluation": {"recalibrated": "twice"}}, "evaluation.recalibrated"),
+        ({"evaluation": {"openings": "vibes"}}, "evaluation.openings"),
+        ({"mapper": {"config": {"affine": {"ridge": "abc"}}}}, "mapper.config.affine.ridge"),
+        ({"mapper": {"config": {"affine": {"ridge": -5}}}}, "mapper.config.affine.ridge: -5.* negative"),
+        ({"mapper": {"fit_on": "everywhere"}}, "mapper.fit_on"),
+        ({"vector": {"fit_prompts": []}}, "give vector.fit_prompts"),
+        ({"vector": {"fit_prompts": ["I love the sun 1", "x"]}}, "share 1 prompt"),
+        (
+            {"vector": {"eval_prompts": ["I hate the rain 0"]}},
+            "vector.positive and vector.eval_prompts share",
+        ),
+        ({"vector": {"twin_prompts": 4}}, "custom task has no second prompt pool"),
     ],
 )
 def test_bad_specs_name_the_key(patch, message):
@@ -201,7 +265,7 @@ def test_cli_run_on_local_model_folders(tiny_hf_folder, tmp_path, capsys):
         name="cli",
         search={"texts": 0},
         mapper={"kinds": ["affine"], "report_texts": 0},
-        evaluation={"alphas": [4.0], "ppl_texts": 0},
+        evaluation={"alphas": [4.0], "confirm_alphas": [4.0], "ppl_texts": 0},
     )
     d["source"] = {"model": str(tiny_hf_folder("qwen2")), "layer": 1}
     d["target"] = {"model": str(tiny_hf_folder("llama")), "layer": 2}
@@ -226,3 +290,39 @@ def test_readme_spec_examples_are_valid():
     assert blocks
     for block in blocks:
         spec_from_dict(yaml.safe_load(block))
+
+
+def test_overwrite_never_deletes_a_folder_xferlens_did_not_write(pair, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    spec = spec_from_dict(tiny_spec(search={"texts": 0}, source={"layer": 1}, target={"layer": 1}))
+    with pytest.raises(RunFolderError, match="not a run folder.*thesis.txt"):
+        run_experiment(spec, folder, models=pair, overwrite=True, progress=False, log=None)
+    assert (folder / "thesis.txt").read_text() == "precious"
+    # a spec that fails validation writes nothing at all, overwrite or not
+    bad = tmp_path / "bad"
+    with pytest.raises(SpecError):
+        spec_from_dict(tiny_spec(evaluation={"batch_size": 0}))
+    assert not bad.exists()
+
+
+def test_yaml_alias_bombs_and_huge_specs_are_refused_fast(tmp_path):
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    path = tmp_path / "bomb.yaml"
+    path.write_text(
+        "name: x\nsource: s\ntarget: t\nmapper:\n  config:\n"
+        + "".join("    " + ln + "\n" for ln in bomb.splitlines())
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match="alias"):
+        load_spec(path)
+    assert time.perf_counter() - t0 < 5
+    path.write_text("name: x\n" + "#" * (2 << 20))
+    with pytest.raises(SpecError, match="at most"):
+        load_spec(path)

@@ -16,31 +16,6 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_rows(run) -> list[dict]:
-    """One row per steering condition: rate, CI, perplexity and the ratio to native."""
-    rep = SteeringReport(run.results["steering"]["rows"], run.results["steering"]["meta"])
-    rows = []
-    for r in rep.rows:
-        native = rep.rate("native", r["alpha"]) if r["label"] != "none" else math.nan
-        rows.append(
-            {
-                "condition": r["label"],
-                "alpha": "-" if r["label"] == "none" else f"{r['alpha']:g}",
-                "rate": f"{r['rate']:.0%}",
-                "95% CI": f"{r['ci'][0]:.0%}-{r['ci'][1]:.0%}",
-                "/ native": "-"
-                if r["label"] in ("none", "native") or not native
-                else f"{r['rate'] / native:.2f}x",
-                "perplexity": "-" if r.get("perplexity") is None else f"{r['perplexity']:.1f}",
-            }
-        )
-    return rows
-
-
-def summary_table(run) -> str:
-    return text_table(summary_rows(run))
-
-
 def success_bars(rep: SteeringReport, path: Path) -> None:
     """Grouped bars: rate per condition at each alpha, 95 % CIs, 'none' as a line."""
     import matplotlib.pyplot as plt
@@ -65,15 +40,123 @@ def success_bars(rep: SteeringReport, path: Path) -> None:
     plt.close(fig)
 
 
+def _ci(x: tuple | list) -> str:
+    return f"[{x[0]:.2f}, {x[1]:.2f}]"
+
+
+def summary_rows(run) -> list[dict]:
+    """One row per vector evaluated in the target: native-equivalent dose with its
+    interval, the dose at each alpha, and the judged rate at the confirmation alpha(s)."""
+    sc = run.results["scores"]
+    conf = run.results.get("confirmation") or {"rows": []}
+    rows = []
+    labels = ["native", *sc["doses"]]
+    for lab in labels:
+        d = sc["doses"].get(lab)
+        row = {
+            "condition": lab,
+            "native-equivalent dose": "1 (reference)" if d is None else f"{d['dose']:.2f} {_ci(d['ci'])}",
+        }
+        if d is not None:
+            alphas = run.results["scores"]["dose_response"]["alphas"]
+            row["dose at alphas " + "/".join(f"{a:g}" for a in alphas)] = " ".join(
+                "-" if x != x else f"{x:.2f}" for x in d["per_alpha"]
+            )
+        else:
+            alphas = run.results["scores"]["dose_response"]["alphas"]
+            row["dose at alphas " + "/".join(f"{a:g}" for a in alphas)] = "-"
+        for r in conf["rows"]:
+            if r["label"] == lab:
+                row[f"judged @ {r['alpha']:g}"] = f"{r['rate']:.0%} ({r['ci'][0]:.0%}-{r['ci'][1]:.0%})"
+        rows.append(row)
+    for r in conf["rows"]:
+        if r["label"] == "none":
+            rows.append(
+                {k: "-" for k in rows[0]}
+                | {"condition": "none"}
+                | {
+                    f"judged @ {a:g}": f"{r['rate']:.0%} ({r['ci'][0]:.0%}-{r['ci'][1]:.0%})"
+                    for a in run.spec.evaluation.confirm_alphas
+                }
+            )
+    return rows
+
+
+def summary_table(run) -> str:
+    return text_table(summary_rows(run))
+
+
+def headline(run) -> list[str]:
+    """The report's first lines: the dose of each vector with its interval, whether the
+    transfer separates from random, and the judged confirmation."""
+    sc, spec = run.results["scores"], run.spec
+    n = len(sc["dose_response"]["none"])
+    doses = sc["doses"]
+    t = doses.get("transferred")
+    out = []
+    if t is not None:
+        out.append(
+            f"**Result.** On n = {n} held-out prompts per condition, the vector transferred from "
+            f"{spec.source.model} acts in {spec.target.model} like the target's own vector at "
+            f"**{t['dose']:.2f} {_ci(t['ci'])}** of its dose (native-equivalent dose, 95 % bootstrap "
+            "interval over prompts)."
+        )
+    extra = []
+    for lab in ("native twin", "transferred (recalibrated)", "random"):
+        if lab in doses:
+            what = {
+                "native twin": "the native recipe on other prompts (the twin, the yardstick)",
+                "transferred (recalibrated)": "the recalibrated transfer",
+                "random": "a random direction of the native norm",
+            }[lab]
+            extra.append(f"{what}: {doses[lab]['dose']:.2f} {_ci(doses[lab]['ci'])}")
+    if extra:
+        out.append("For comparison, " + "; ".join(extra) + ".")
+    sep = sc["minus_random"].get("transferred", [])
+    above = [r for r in sep if r["ci"][0] > 0]
+    if sep:
+        if above:
+            best = max(above, key=lambda r: r["diff"])
+            out.append(
+                "The transfer **separates from random** at alpha "
+                + ", ".join(f"{r['alpha']:g}" for r in above)
+                + f" of {len(sep)} (largest gap in mean log-odds {best['diff']:.2f} {_ci(best['ci'])} "
+                f"at alpha {best['alpha']:g})."
+            )
+        else:
+            out.append(
+                "**The transfer does not separate from random at any alpha**: every interval of the "
+                "difference in mean log-odds (transferred - random) includes 0."
+            )
+    conf = run.results.get("confirmation") or {}
+    if conf.get("rows"):
+        parts = [
+            f"{r['label']} {r['rate']:.0%}" + ("" if r["label"] == "none" else f" @ {r['alpha']:g}")
+            for r in conf["rows"]
+        ]
+        ag = conf.get("agreement") or {}
+        auc = ag.get("auc")
+        out.append(
+            f"Judged generations on {conf['meta'].get('n_prompts')} of the prompts confirm: "
+            + ", ".join(parts)
+            + (
+                f"; the score predicts the judge with AUC {auc:.2f} over {ag['n_items']} items."
+                if auc
+                else "."
+            )
+        )
+    return out
+
+
 def write_report(run) -> Path:
     spec, res, folder = run.spec, run.results, Path(run.folder)
-    st = res["steering"]
-    rep = SteeringReport(st["rows"], st["meta"])
-    success_bars(rep, folder / "figures" / "success_bars.png")
-    lay, vec, maps = res["layers"], res["vectors"], res["mappers"]
+    lay, vec, maps, sc = res["layers"], res["vectors"], res["mappers"], res["scores"]
+    conf = res.get("confirmation") or {"rows": []}
     total = sum(run.seconds.values())
     out = [
         f"# {spec.name}: {spec.source.model} L{lay['src_layer']} -> {spec.target.model} L{lay['tgt_layer']}",
+        "",
+        *headline(run),
         "",
         f"Spec: `spec.yaml` (fingerprint {spec.fingerprint()}). Steps took "
         + ", ".join(f"{k} {v:.0f} s" for k, v in run.seconds.items())
@@ -96,10 +179,15 @@ def write_report(run) -> Path:
         ]
     else:
         out += ["Both layers set in the spec (no search).", ""]
+    where = (
+        "the last prompt token of task prompts disjoint from the vector's and the evaluation's"
+        if maps.get("fit_on", "content") == "last"
+        else "content tokens of corpus text and the vector's prompts"
+    )
     out += [
         "## Mappers",
         "",
-        f"Fitted on {maps['rows']:,} paired content-token rows from {maps['texts']} texts.",
+        f"Fitted on {maps['rows']:,} paired rows from {maps['texts']} texts: {where}.",
         "",
         "| kind | validation MSE | validation FVU |",
         "|---|---|---|",
@@ -123,38 +211,88 @@ def write_report(run) -> Path:
                 f"{p['mean_ablation']['kl']:.3f} | {p['random_map']['kl']:.3f} | {c['kl_ratio']:.3f} |"
             )
         out += [""] + [f"![report card {k}](figures/report_card_{k}.png)" for k in cards]
+    cos = vec.get("cosine_to_native", {"transferred": vec["cosine_transferred_native"]})
     out += [
         "",
         "## Steering vectors",
         "",
         f"Difference of means at the last prompt token ({_prompt_note(spec, vec)}); transferred through the "
-        f"`{vec['mapper']}` map. cosine(transferred, native) = **{vec['cosine_transferred_native']:.3f}**.",
+        f"`{vec['mapper']}` map.",
         "",
-        "| vector | norm | norm / typical activation norm |",
-        "|---|---|---|",
+        "| vector | norm | norm / typical activation norm | cosine to native |",
+        "|---|---|---|---|",
     ]
     for n, v in vec["vectors"].items():
-        out.append(f"| {n} | {v['norm']:.3g} | {v['relative_norm']:.3f} |")
+        c = "1" if n == "native" else ("-" if n not in cos else f"{cos[n]:.3f}")
+        out.append(f"| {n} | {v['norm']:.3g} | {v['relative_norm']:.3f} | {c} |")
     out += [
         "",
-        f"## Steering the target ({st['meta'].get('n_prompts')} held-out prompts, judge "
-        f"`{st['meta'].get('judge')}`, greedy, {spec.evaluation.max_new_tokens} new tokens)",
+        f"## Dose-response ({len(sc['dose_response']['none'])} held-out prompts, continuous score)",
         "",
-        "Controls: no steering (`none`) and a random direction with the native vector's norm (`random`).",
+        "Each prompt is scored by the log-odds that the steered reply opens like the behaviour "
+        f"(`{spec.evaluation.openings}`), read from one forward pass; every vector at every alpha, "
+        f"unsteered (`none`) and a random direction of the native norm beside. Scoring: "
+        f"{sc['prompt_conditions_per_s']:.1f} prompt-conditions/s.",
         "",
-        "| condition | alpha | rate | 95 % CI | / native | perplexity |",
-        "|---|---|---|---|---|---|",
+        sc["markdown"],
+        "",
+        "![dose response](figures/dose_response.png)",
+        "",
+        "### Native-equivalent dose",
+        "",
+        "The scale c for which the native vector x c best matches each curve (1: acts like native), "
+        "overall and at each alpha, with 95 % bootstrap intervals over prompts.",
+        "",
+        "| vector | dose | " + " | ".join(f"at alpha {a:g}" for a in sc["dose_response"]["alphas"]) + " |",
+        "|---|---|" + "---|" * len(sc["dose_response"]["alphas"]),
     ]
-    for r in summary_rows(run):
-        out.append("| " + " | ".join(r.values()) + " |")
-    out += [
-        "",
-        "![alpha sweep](figures/alpha_sweep.png)",
-        "",
-        "![success bars](figures/success_bars.png)",
-        "",
-    ]
-    out += _completions(st, max(rep.alphas))
+    for lab, d in sc["doses"].items():
+        cells = [
+            "-" if x != x else f"{x:.2f} {_ci(ci)}"
+            for x, ci in zip(d["per_alpha"], d["per_alpha_ci"], strict=True)
+        ]
+        out.append(f"| {lab} | **{d['dose']:.2f}** {_ci(d['ci'])} | " + " | ".join(cells) + " |")
+    if conf["rows"]:
+        rep = SteeringReport(conf["rows"], conf["meta"])
+        success_bars(rep, folder / "figures" / "confirmation_bars.png")
+        ag = conf.get("agreement") or {}
+        out += [
+            "",
+            f"## Confirmation by judged generations ({conf['meta'].get('n_prompts')} prompts, judge "
+            f"`{conf['meta'].get('judge')}`, greedy, {spec.evaluation.max_new_tokens} new tokens)",
+            "",
+            "| condition | alpha | rate | 95 % CI | n | mean score of the same prompts |",
+            "|---|---|---|---|---|---|",
+        ]
+        from xferlens.evaluation.dose import DoseResponse
+
+        dr = DoseResponse.from_dict(sc["dose_response"])
+        for r in conf["rows"]:
+            n = r["n"]
+            s = (
+                dr.none[:n]
+                if r["label"] == "none"
+                else dr.scores[r["label"]][dr.alphas.index(r["alpha"]), :n]
+            )
+            alpha = "-" if r["label"] == "none" else f"{r['alpha']:g}"
+            out.append(
+                f"| {r['label']} | {alpha} | {r['rate']:.0%} | {r['ci'][0]:.0%}-{r['ci'][1]:.0%} | {n} | "
+                f"{s.mean():.2f} |"
+            )
+        if ag.get("auc") is not None:
+            corr = ag.get("condition_corr")
+            out += [
+                "",
+                f"Score vs judge on these items: AUC **{ag['auc']:.3f}** ({ag['n_items']} prompt-conditions, "
+                f"{ag['n_hits']} judged hits)"
+                + (
+                    f"; per-condition mean score vs judged rate: Pearson r = {corr:.2f}."
+                    if corr is not None
+                    else "."
+                ),
+            ]
+        out += ["", "![confirmation](figures/confirmation_bars.png)", ""]
+        out += _completions(conf, spec.evaluation.confirm_alphas[-1])
     path = folder / "report.md"
     tmp = path.with_suffix(".md.partial")
     tmp.write_text("\n".join(out) + "\n")
@@ -170,19 +308,21 @@ def _prompt_note(spec, vec) -> str:
         else "positive vs negative prompts"
     )
     filt = ", filtered by the model's own behaviour" if spec.vector.filter_by_behaviour else ""
-    return f"{what}, {used.get('positive', '?')} + {used.get('negative', '?')} prompts in the source{filt}"
+    twin = vec.get("prompts_used", {}).get("native twin")
+    tw = f"; the twin from {twin['positive']} + {twin['negative']} other prompts" if twin else ""
+    return f"{what}, {used.get('positive', '?')} + {used.get('negative', '?')} prompts per model{filt}{tw}"
 
 
-def _completions(st: dict, alpha: float, n: int = 3) -> list[str]:
+def _completions(st: dict, alpha: float, n: int = 4) -> list[str]:
     rows = {(r["label"], r["alpha"]): r for r in st["rows"]}
     none = next(r for r in st["rows"] if r["label"] == "none")
     show = [
         lab
-        for lab in ("native", "transferred", "transferred (recalibrated)", "random")
+        for lab in ("native", "native twin", "transferred", "transferred (recalibrated)", "random")
         if (lab, alpha) in rows
     ]
     head = "| prompt | none | " + " | ".join(f"{lab} (alpha {alpha:g})" for lab in show) + " |"
-    lines = ["## Side-by-side completions", "", head, "|" + "---|" * (2 + len(show))]
+    lines = ["### Side-by-side completions", "", head, "|" + "---|" * (2 + len(show))]
     for i, prompt in enumerate(st["prompts"][:n]):
         cells = [_cell(prompt, 80), _cell(none["completions"][i])]
         cells += [_cell(rows[(lab, alpha)]["completions"][i]) for lab in show]

@@ -3,14 +3,21 @@
 Steps (each writes its results, then is marked done in ``status.json``):
 
 ``layers``        layer-pair search (CKA or ridge R²) unless both layers are set
-``mappers``       fit every mapper kind on paired activations of the fit texts
+``mappers``       fit every mapper kind on paired activations (``mapper.fit_on``: the last
+                  token of disjoint task prompts, or content tokens of corpus text)
 ``report_cards``  patching report card of every mapper on held-out texts
-``vectors``       the vector in source and target (native), transferred (raw/recalibrated)
-``steering``      add the vectors to held-out prompts; controls: none, random of equal norm
+``vectors``       the vector in source and target (native), the native twin (the native
+                  recipe on other prompts), transferred (raw / recalibrated)
+``scores``        the continuous score of every held-out prompt under every vector and alpha
+                  of the grid, unsteered and a random vector of the native norm beside:
+                  dose-response and the native-equivalent dose with bootstrap intervals
+``confirmation``  judged greedy generations at ``confirm_alphas`` on a subset of the
+                  prompts, and the score's agreement with the judge on them
 
 ``report.md`` is written only when every step is done; until then ``status.json`` says
 ``"complete": false`` and a rerun continues from the first step not done. A run folder
-belongs to one spec: running another spec into it is refused.
+belongs to one spec: running another spec into it is refused, and ``overwrite`` only ever
+replaces a folder that is recognisably a run folder (it has ``status.json``).
 """
 
 import dataclasses
@@ -30,7 +37,7 @@ from xferlens.experiment.spec import ExperimentSpec, SpecError, save_spec, valid
 
 logger = logging.getLogger(__name__)
 
-STEPS = ("layers", "mappers", "report_cards", "vectors", "steering")
+STEPS = ("layers", "mappers", "report_cards", "vectors", "scores", "confirmation")
 
 # slices of the default corpus each use draws from, kept apart so nothing is scored on
 # the text it was fitted on
@@ -66,6 +73,12 @@ class _Folder:
         self.path = folder
         status = folder / "status.json"
         if folder.exists() and overwrite:
+            if not folder.is_dir() or not status.is_file():
+                what = sorted(p.name for p in folder.iterdir())[:5] if folder.is_dir() else ["(a file)"]
+                raise RunFolderError(
+                    f"{folder} is not a run folder (no status.json; it holds {what}); overwrite only "
+                    "replaces a folder xferlens wrote. Choose another --out or move it away yourself"
+                )
             shutil.rmtree(folder)
         if status.is_file():
             st = json.loads(status.read_text())
@@ -127,27 +140,51 @@ class _Models:
 
 
 def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
+    """Every prompt set of the run, disjoint (asserted): the vector's (``positive`` /
+    ``negative``), the native twin's, the map's (``fit_positive`` / ``fit_negative``) and the
+    held-out evaluation prompts (``eval``; the first ``confirm_prompts`` also generate)."""
     from xferlens import data
 
-    v, n = spec.vector, spec.vector.train_prompts
+    v, e, m = spec.vector, spec.evaluation, spec.mapper
     if v.task == "custom":
         return {
             "positive": v.positive,
             "negative": v.negative,
-            "eval": v.eval_prompts[: spec.evaluation.prompts],
+            "twin_positive": [],
+            "twin_negative": [],
+            "fit_positive": v.fit_prompts,
+            "fit_negative": [],
+            "eval": v.eval_prompts[: e.prompts],
         }
+    n, n_twin = v.train_prompts, v.twin_prompts
+    n_fit = m.fit_prompts if m.fit_on == "last" else 0
     harmful_train, _ = data.harmful_prompts().split(0.5, seed=spec.seed)
-    n_harmless = 4 * (n + spec.evaluation.prompts)
-    harmless_train, harmless_eval = data.harmless_prompts(n=n_harmless, seed=spec.seed + 1).split(
-        0.5, seed=spec.seed
-    )
+    harmless = data.harmless_prompts(n=None, seed=spec.seed + 1)
+    if v.draw == "shuffled":
+        harmful_train = harmful_train.shuffled(spec.seed + 1)
+    else:  # earlier runs: the harmful half in dataset order, harmless drawn per run size
+        harmless = data.harmless_prompts(n=4 * (n + n_twin + e.prompts + n_fit), seed=spec.seed + 1)
+    h, s = list(harmful_train), list(harmless)
+    need_h, need_s = n + n_twin + n_fit, n + n_twin + e.prompts + n_fit
+    if len(h) < need_h or len(s) < need_s:
+        raise SpecError(
+            f"not enough prompts: the run needs {need_h} harmful (train half has {len(h)}) and {need_s} "
+            f"harmless ({len(s)} available); lower vector.train_prompts, vector.twin_prompts, "
+            "mapper.fit_prompts or evaluation.prompts"
+        )
     sets = {
-        "positive": list(harmful_train)[:n],
-        "negative": list(harmless_train)[:n],
-        "eval": list(harmless_eval)[: spec.evaluation.prompts],
+        "positive": h[:n],
+        "negative": s[:n],
+        "twin_positive": h[n : n + n_twin],
+        "twin_negative": s[n : n + n_twin],
+        "eval": s[n + n_twin : n + n_twin + e.prompts],
+        "fit_positive": h[n + n_twin : need_h],
+        "fit_negative": s[n + n_twin + e.prompts : need_s],
     }
-    if len(sets["eval"]) < spec.evaluation.prompts:
-        raise SpecError(f"evaluation.prompts: only {len(sets['eval'])} held-out prompts available")
+    seen: set[str] = set()
+    for name, xs in sets.items():
+        assert not (set(xs) & seen), f"prompt set {name} overlaps an earlier one"
+        seen |= set(xs)
     return sets
 
 
@@ -191,9 +228,9 @@ def run_experiment(
     (tests, notebooks). Returns the :class:`Run` with every step's record.
     """
     validate(spec)
+    mdl = _Models(spec, models)  # checks given models' depths before anything is written
     folder = Path(folder) if folder is not None else Path("runs") / spec.name
     fs = _Folder(folder, spec, overwrite)
-    mdl = _Models(spec, models)
     run = Run(folder, spec)
     t_start = time.perf_counter()
     say = log or (lambda s: None)
@@ -263,15 +300,33 @@ def _layers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
 
 
 def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    from safetensors.torch import save_file
+
     from xferlens.activations import paired_activations, positions
     from xferlens.mappers import MAPPERS, fit_mapper
 
     src, tgt = mdl.get()
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
-    texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
-    texts += _chat(src, spec, sets["positive"] + sets["negative"])
-    pairs = paired_activations(src, tgt, texts, ls, lt, positions=positions.content(), progress=progress)
-    out = {"rows": len(pairs), "texts": len(texts), "coverage": getattr(pairs, "coverage", None), "kinds": {}}
+    if spec.mapper.fit_on == "last":
+        fmt = tgt if spec.mapper.fit_format == "target" else src
+        texts = _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
+        where = "last"
+    else:
+        texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
+        texts += _chat(src, spec, sets["positive"] + sets["negative"])
+        where = positions.content()
+    pairs = paired_activations(src, tgt, texts, ls, lt, positions=where, progress=progress)
+    (folder / "mappers").mkdir(exist_ok=True)
+    save_file(
+        {"src": pairs.src.float().cpu().contiguous()}, folder / "mappers" / "fit_source_rows.safetensors"
+    )
+    out = {
+        "rows": len(pairs),
+        "texts": len(texts),
+        "fit_on": spec.mapper.fit_on,
+        "coverage": getattr(pairs, "coverage", None),
+        "kinds": {},
+    }
     for kind in spec.mapper.kinds:
         cfg = spec.mapper.config.get(kind, {})
         if "seed" in {f.name for f in dataclasses.fields(MAPPERS[kind].config_class)}:
@@ -325,19 +380,22 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     return {"cards": {k: c.to_dict() for k, c in cards.items()}}
 
 
-VECTOR_NAMES = ("source", "native", "transferred", "transferred (recalibrated)")
+VECTOR_NAMES = ("source", "native", "native twin", "transferred", "transferred (recalibrated)")
+#: the vectors evaluated in the target, in report order (those the spec asks for)
+TARGET_VECTORS = VECTOR_NAMES[1:]
 
 
 def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.evaluation import select_by_behaviour
+    from xferlens.safetensors_io import load_unmapped
     from xferlens.steering import diff_of_means, transfer
 
     src, tgt = mdl.get()
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
     used = {}
 
-    def build(model, layer, role):
-        pos, neg = _chat(model, spec, sets["positive"]), _chat(model, spec, sets["negative"])
+    def build(model, layer, role, pos, neg):
+        pos, neg = _chat(model, spec, pos), _chat(model, spec, neg)
         if spec.vector.filter_by_behaviour:
             judge = spec.evaluation.judge
             pos = select_by_behaviour(model, pos, judge, keep=True, progress=progress)
@@ -350,21 +408,33 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         used[role] = {"positive": len(pos), "negative": len(neg)}
         return diff_of_means(model, pos, neg, hooks=layer, progress=progress)
 
-    v_src = build(src, ls, "source")
-    v_nat = build(tgt, lt, "native")
+    v_src = build(src, ls, "source", sets["positive"], sets["negative"])
+    v_nat = build(tgt, lt, "native", sets["positive"], sets["negative"])
+    vecs = {"source": v_src, "native": v_nat}
+    if sets["twin_positive"]:
+        vecs["native twin"] = build(tgt, lt, "native twin", sets["twin_positive"], sets["twin_negative"])
     mapper = _load_mapper(folder, spec.mapper.use, src, tgt)  # only the one that transfers
-    vecs = {"source": v_src, "native": v_nat, "transferred": transfer(v_src, mapper)}
+    rows = None
+    if not mapper.is_linear:  # the mean-difference transfer reads real source activations
+        rows = load_unmapped(folder / "mappers" / "fit_source_rows.safetensors")["src"]
+    vecs["transferred"] = transfer(v_src, mapper, source_rows=rows)
     if spec.evaluation.recalibrated:
-        vecs["transferred (recalibrated)"] = transfer(v_src, mapper, recalibrate=True)
+        vecs["transferred (recalibrated)"] = transfer(
+            v_src, mapper, source_rows=rows, recalibrate=spec.evaluation.recalibrated
+        )
     for name, v in vecs.items():
         v.save(folder / "vectors" / _slug(name))
-    cos = torch.nn.functional.cosine_similarity(
-        vecs["transferred"].direction().float().cpu(), v_nat.direction().float().cpu(), dim=0
-    )
+    nat = v_nat.direction().float().cpu()
+    cos = {
+        n: float(torch.nn.functional.cosine_similarity(v.direction().float().cpu(), nat, dim=0))
+        for n, v in vecs.items()
+        if n not in ("source", "native")
+    }
     return {
         "prompts_used": used,
         "mapper": spec.mapper.use,
-        "cosine_transferred_native": float(cos),
+        "cosine_transferred_native": cos["transferred"],
+        "cosine_to_native": cos,
         "vectors": {n: {"norm": v.norm(), "relative_norm": v.relative_norm()} for n, v in vecs.items()},
     }
 
@@ -373,23 +443,75 @@ def _slug(name: str) -> str:
     return name.replace(" (", "-").replace(")", "").replace(" ", "-")
 
 
-def _steering(spec, folder, mdl, results, sets, held_out, progress) -> dict:
-    from xferlens.evaluation import evaluate_steering
+def _target_vectors(folder, tgt) -> dict:
     from xferlens.steering import load_steering_vector
+
+    return {
+        n: load_steering_vector(folder / "vectors" / _slug(n), tgt)
+        for n in TARGET_VECTORS
+        if (folder / "vectors" / _slug(n)).exists()
+    }
+
+
+def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    from xferlens.evaluation.score import dose_response
 
     src, tgt = mdl.get()
     e = spec.evaluation
-    vecs = {
-        n: load_steering_vector(folder / "vectors" / _slug(n), tgt)
-        for n in VECTOR_NAMES[1:]
-        if (folder / "vectors" / _slug(n)).exists()
-    }
-    ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
-    rep = evaluate_steering(
+    vecs = _target_vectors(folder, tgt)
+    t0 = time.perf_counter()
+    dr = dose_response(
         tgt,
         _chat(tgt, spec, sets["eval"]),
         vecs,
-        alphas=e.alphas,
+        e.alphas,
+        e.openings,
+        seed=spec.seed,
+        batch_size=e.batch_size,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    doses = {
+        lab: dr.equivalent_dose(lab, "native", n_boot=e.bootstrap, seed=spec.seed).to_dict()
+        for lab in dr.labels
+        if lab != "native"
+    }
+    separation = {
+        lab: dr.difference(lab, "random", n_boot=e.bootstrap, seed=spec.seed)
+        for lab in dr.labels
+        if lab != "random"
+    }
+    fig = dr.plot(n_boot=e.bootstrap, seed=spec.seed)
+    fig.savefig(folder / "figures" / "dose_response.png", dpi=110, bbox_inches="tight")
+    _close(fig)
+    n_cond = 1 + len(dr.labels) * len(dr.alphas)
+    return {
+        "dose_response": dr.to_dict(),
+        "doses": doses,
+        "minus_random": separation,
+        "seconds": seconds,
+        "prompt_conditions_per_s": n_cond * dr.n / seconds,
+        "markdown": dr.to_markdown(n_boot=e.bootstrap, seed=spec.seed),
+        "prompts": sets["eval"],
+    }
+
+
+def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    e = spec.evaluation
+    if not e.confirm_alphas:
+        return {"rows": [], "meta": {}, "agreement": None, "prompts": []}
+    from xferlens.evaluation import evaluate_steering
+    from xferlens.evaluation.dose import DoseResponse
+
+    src, tgt = mdl.get()
+    vecs = _target_vectors(folder, tgt)
+    prompts = sets["eval"][: e.confirm_prompts]
+    ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
+    rep = evaluate_steering(
+        tgt,
+        _chat(tgt, spec, prompts),
+        vecs,
+        alphas=e.confirm_alphas,
         mode="add",
         judge=e.judge,
         ppl_texts=ppl,
@@ -399,9 +521,45 @@ def _steering(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         progress=progress,
     )
     fig = rep.plot()
-    fig.savefig(folder / "figures" / "alpha_sweep.png", dpi=110, bbox_inches="tight")
+    fig.savefig(folder / "figures" / "confirmation.png", dpi=110, bbox_inches="tight")
     _close(fig)
-    return {**rep.to_dict(), "prompts": sets["eval"]}
+    dr = DoseResponse.from_dict(results["scores"]["dose_response"])
+    return {**rep.to_dict(), "agreement": score_judge_agreement(dr, rep.rows), "prompts": prompts}
+
+
+def score_judge_agreement(dr, rows: list[dict]) -> dict:
+    """How well the continuous score predicts the judged generations of the same prompts
+    under the same conditions: AUC over (prompt, condition) items, and the Pearson
+    correlation of the per-condition mean score with the judged rate."""
+    import numpy as np
+
+    scores, hits, means, rates = [], [], [], []
+    for r in rows:
+        n = len(r["hits"])
+        if r["label"] == "none":
+            s = dr.none[:n]
+        else:
+            k = dr.alphas.index(r["alpha"])
+            s = dr.scores[r["label"]][k, :n]
+        scores += list(s)
+        hits += list(r["hits"])
+        means.append(float(np.mean(s)))
+        rates.append(r["rate"])
+    scores, hits = np.asarray(scores), np.asarray(hits, dtype=bool)
+    pos, neg = scores[hits], scores[~hits]
+    auc = None
+    if len(pos) and len(neg):
+        from scipy.stats import mannwhitneyu
+
+        auc = float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+    corr = float(np.corrcoef(means, rates)[0, 1]) if len(rows) > 2 and np.std(rates) > 0 else None
+    return {
+        "auc": auc,
+        "n_items": len(scores),
+        "n_hits": int(hits.sum()),
+        "condition_corr": corr,
+        "n_conditions": len(rows),
+    }
 
 
 def _close(fig) -> None:
@@ -415,5 +573,6 @@ STEP_FUNCS = {
     "mappers": _mappers,
     "report_cards": _report_cards,
     "vectors": _vectors,
-    "steering": _steering,
+    "scores": _scores,
+    "confirmation": _confirmation,
 }

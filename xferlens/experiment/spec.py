@@ -9,13 +9,21 @@ Example YAML (every key optional but ``name``, ``source.model``, ``target.model`
     name: refusal-qwen
     source: {model: qwen2.5-coder-0.5b-instruct, layer: 10}
     target: {model: qwen2.5-coder-1.5b-instruct, layer: 12}
-    mapper: {kinds: [affine, orthogonal], use: affine, fit_texts: 120}
-    vector: {train_prompts: 32}
-    evaluation: {prompts: 20, alphas: [2, 4], max_new_tokens: 16}
+    mapper: {kinds: [affine, orthogonal], use: affine, fit_on: last, fit_prompts: 300}
+    vector: {train_prompts: 64, twin_prompts: 64}
+    evaluation: {prompts: 300, alphas: [0.25, 0.5, 1, 1.5, 2, 3, 4], confirm_alphas: [1]}
+
+The defaults are the recipe ``benchmarks/RESULTS.md`` shows works best: the map is fitted on
+the last prompt token of task prompts disjoint from the vector's and the evaluation's
+(``fit_on: last``), every prompt set is drawn shuffled from the mixed sets, the target's own
+vector is built a second time from other prompts (the native twin, the yardstick), and the
+steering is measured by the continuous score over an alpha grid (the native-equivalent
+dose with a bootstrap interval), confirmed by judged generations at ``confirm_alphas``.
 """
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,7 +63,15 @@ class MapperSpec:
     kinds: list[str] = field(default_factory=lambda: ["affine"])
     #: the kind whose map carries the vector across
     use: str = "affine"
-    #: corpus texts the map is fitted on (the vector's training prompts are added)
+    #: where the map is fitted: ``last`` -- the last prompt token of task prompts disjoint
+    #: from the vector's and the evaluation's (where a difference-of-means vector is read
+    #: and acts); ``content`` -- every content token of corpus texts plus the vector's prompts
+    fit_on: str = "last"
+    #: ``fit_on: last``: task prompts per set (harmful and harmless, for refusal)
+    fit_prompts: int = 300
+    #: ``fit_on: last``: chat template the fit prompts are formatted with (``target`` or ``source``)
+    fit_format: str = "target"
+    #: ``fit_on: content``: corpus texts the map is fitted on (the vector's prompts are added)
     fit_texts: int = 120
     #: held-out corpus texts for the report cards (0: no report card)
     report_texts: int = 6
@@ -70,29 +86,49 @@ class VectorSpec:
     #: ``refusal`` (harmful vs harmless instructions, bundled sets) or ``custom`` (lists below)
     task: str = "refusal"
     #: difference of means at the last prompt token over this many prompts per set
-    train_prompts: int = 32
+    train_prompts: int = 64
+    #: the native twin: the target's own vector again from this many *other* prompts per
+    #: set, the yardstick for how far the native recipe itself moves (0: none)
+    twin_prompts: int = 64
+    #: ``shuffled``: every prompt set is a random draw from the whole mixture (HarmBench +
+    #: Do-Not-Answer); ``ordered``: each split half in dataset order (earlier runs)
+    draw: str = "shuffled"
     #: keep only the harmful prompts each model refuses (and harmless ones it answers)
     filter_by_behaviour: bool = False
     #: for ``task: custom``: the two prompt sets and the evaluation prompts
     positive: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
     eval_prompts: list[str] = field(default_factory=list)
+    #: for ``task: custom`` with ``mapper.fit_on: last``: task prompts the map is fitted on,
+    #: disjoint from the three lists above
+    fit_prompts: list[str] = field(default_factory=list)
     #: wrap prompts in each model's chat template
     chat: bool = True
 
 
 @dataclass
 class EvalSpec:
-    #: held-out prompts the vector is added to (harmless ones, for refusal)
-    prompts: int = 20
-    alphas: list[float] = field(default_factory=lambda: [2.0, 4.0])
-    max_new_tokens: int = 16
+    #: held-out prompts the vector is added to (harmless ones, for refusal), scored by the
+    #: continuous score under every condition and alpha
+    prompts: int = 100
+    #: the dose grid (positive, increasing)
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
+    #: how the behaviour's reply opens (``refusal``, ``opening:<text>``)
+    openings: str = "refusal"
+    #: bootstrap resamples for every interval
+    bootstrap: int = 1000
+    #: judged generations that confirm the score: this many of the held-out prompts ...
+    confirm_prompts: int = 40
+    #: ... at these alphas (each must be on the grid; empty: no generations)
+    confirm_alphas: list[float] = field(default_factory=lambda: [1.0])
+    max_new_tokens: int = 12
     judge: str = "refusal"
-    #: general texts for the perplexity of each steered condition (0: none)
-    ppl_texts: int = 4
-    batch_size: int = 20
-    #: also evaluate the norm-recalibrated transfer
-    recalibrated: bool = True
+    #: general texts for the perplexity of each confirmed condition (0: none)
+    ppl_texts: int = 0
+    batch_size: int = 16
+    #: also evaluate the transfer rescaled to the source's relative norm: ``false``,
+    #: ``norm`` (``true``) or ``spread`` (see ``xferlens.steering.transfer``)
+    recalibrated: bool | str = False
 
 
 @dataclass
@@ -163,11 +199,21 @@ def _value(tp, value, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _value(inner[0], value, key)
+        errors = []
+        for a in inner:
+            try:
+                return _value(a, value, key)
+            except SpecError as e:
+                errors.append(str(e))
+        raise SpecError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {inner}")
     if origin is list:
         if not isinstance(value, list):
             raise SpecError(f"{key}: expected a list, got {value!r}")
         return [_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"{key}: expected a list, got {value!r}")
+        return tuple(_value(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise SpecError(f"{key}: expected {len(args)} values, got {value!r}")
@@ -179,12 +225,37 @@ def _value(tp, value, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise SpecError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp in (int, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise SpecError(f"{key}: expected {tp.__name__}, got {value!r}")
         return value
     return value
+
+
+#: a spec file larger than this is refused before parsing
+MAX_SPEC_BYTES = 1 << 20
+
+
+def _no_alias_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML's safe loader without anchors/aliases: a spec never needs them, and nested
+        aliases expand exponentially (a few hundred bytes can exhaust memory)."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise SpecError(
+                    f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases are not "
+                    "allowed in specs; write the value out"
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def spec_from_dict(data: dict) -> ExperimentSpec:
@@ -201,8 +272,13 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{path}: {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} (put long lists in files)"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_no_alias_loader())  # a SafeLoader
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({e})") from e
     try:
@@ -269,12 +345,39 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
     for k, cfg in spec.mapper.config.items():
         if k not in spec.mapper.kinds:
             raise SpecError(f"mapper.config.{k}: no such kind in mapper.kinds {spec.mapper.kinds}")
+        _check_mapper_config(k, cfg or {}, MAPPERS[k].config_class)
         try:
             MAPPERS[k].config_class.from_dict(cfg or {})
         except (ValueError, TypeError) as err:
             raise SpecError(f"mapper.config.{k}: {err}") from err
-    if spec.mapper.fit_texts < 1:
-        raise SpecError(f"mapper.fit_texts: {spec.mapper.fit_texts}; need at least 1")
+    m = spec.mapper
+    _choice("mapper.fit_on", m.fit_on, ("last", "content"))
+    _choice("mapper.fit_format", m.fit_format, ("target", "source"))
+    if m.fit_on == "content" and m.fit_texts < 1:
+        raise SpecError(f"mapper.fit_texts: {m.fit_texts}; need at least 1 with fit_on: content")
+    if m.fit_on == "last" and spec.vector.task == "refusal" and m.fit_prompts < 2:
+        raise SpecError(f"mapper.fit_prompts: {m.fit_prompts}; need at least 2 per set with fit_on: last")
+    _counts(
+        {
+            "search.texts": spec.search.texts,
+            "mapper.fit_texts": m.fit_texts,
+            "mapper.fit_prompts": m.fit_prompts,
+            "mapper.report_texts": m.report_texts,
+            "mapper.report_prompts": m.report_prompts,
+            "vector.twin_prompts": spec.vector.twin_prompts,
+            "evaluation.confirm_prompts": spec.evaluation.confirm_prompts,
+            "evaluation.ppl_texts": spec.evaluation.ppl_texts,
+        },
+        minimum=0,
+    )
+    _counts(
+        {
+            "evaluation.batch_size": spec.evaluation.batch_size,
+            "evaluation.max_new_tokens": spec.evaluation.max_new_tokens,
+            "evaluation.bootstrap": spec.evaluation.bootstrap,
+        },
+        minimum=1,
+    )
     v = spec.vector
     if v.task not in ("refusal", "custom"):
         raise SpecError(f"vector.task: {v.task!r}; valid: 'refusal', 'custom'")
@@ -288,6 +391,37 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
         )
     if v.train_prompts < 2:
         raise SpecError(f"vector.train_prompts: {v.train_prompts}; need at least 2 per set")
+    if v.twin_prompts == 1:
+        raise SpecError("vector.twin_prompts: 1; the twin needs at least 2 prompts per set (0: no twin)")
+    _choice("vector.draw", v.draw, ("shuffled", "ordered"))
+    if v.task == "custom":
+        if v.twin_prompts:
+            raise SpecError("vector.twin_prompts: a custom task has no second prompt pool; set it to 0")
+        if spec.mapper.fit_on == "last" and not v.fit_prompts:
+            raise SpecError(
+                "mapper.fit_on is 'last' and vector.task is 'custom': give vector.fit_prompts (task prompts "
+                "for the map, disjoint from positive/negative/eval_prompts) or set mapper.fit_on: content"
+            )
+        sets = {
+            "positive": v.positive,
+            "negative": v.negative,
+            "eval_prompts": v.eval_prompts,
+            "fit_prompts": v.fit_prompts,
+        }
+        names = list(sets)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if a in ("positive", "negative") and b in ("positive", "negative"):
+                    continue
+                common = set(sets[a]) & set(sets[b])
+                if common:
+                    raise SpecError(
+                        f"vector.{a} and vector.{b} share {len(common)} prompt(s), e.g. "
+                        f"{next(iter(common))!r}: a map fitted (or a vector judged) on the prompts it is "
+                        "tested on measures nothing; make the sets disjoint"
+                    )
+    elif v.fit_prompts:
+        raise SpecError("vector.fit_prompts is for task 'custom'; remove it or set task")
     if spec.corpus_chars < 0:
         raise SpecError(f"corpus_chars: {spec.corpus_chars}; 0 (whole texts) or a positive number")
     if spec.corpus:
@@ -300,42 +434,111 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
                 f"mapper.report_texts + evaluation.ppl_texts = {need}"
             )
     e = spec.evaluation
-    if e.prompts < 1:
-        raise SpecError(f"evaluation.prompts: {e.prompts}; need at least 1")
-    if not e.alphas or any(a != a for a in e.alphas):
-        raise SpecError(f"evaluation.alphas: {e.alphas}; give at least one number (no NaN)")
+    if e.prompts < 2:
+        raise SpecError(f"evaluation.prompts: {e.prompts}; need at least 2 (intervals resample them)")
+    if not e.alphas or any(a <= 0 for a in e.alphas) or e.alphas != sorted(set(e.alphas)):
+        raise SpecError(f"evaluation.alphas: {e.alphas}; give positive, increasing numbers (the dose grid)")
+    off = [a for a in e.confirm_alphas if a not in e.alphas]
+    if off:
+        raise SpecError(f"evaluation.confirm_alphas: {off} not on the grid evaluation.alphas {e.alphas}")
+    if e.confirm_alphas and e.confirm_prompts < 1:
+        raise SpecError("evaluation.confirm_prompts is 0 but confirm_alphas is set; set both or neither")
+    if e.confirm_prompts > e.prompts:
+        raise SpecError(
+            f"evaluation.confirm_prompts: {e.confirm_prompts} > evaluation.prompts {e.prompts}; the "
+            "confirmation generates on a subset of the scored prompts"
+        )
+    if e.recalibrated not in (False, True, "norm", "spread"):
+        raise SpecError(f"evaluation.recalibrated: {e.recalibrated!r}; valid: false, true, 'norm', 'spread'")
     try:
         resolve_judge(e.judge)
     except ValueError as err:
         raise SpecError(f"evaluation.judge: {err}") from err
+    from xferlens.evaluation.score import resolve_openings
+
+    try:
+        resolve_openings(e.openings)
+    except ValueError as err:
+        raise SpecError(f"evaluation.openings: {err}") from err
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise SpecError(f"{key}: {value!r}; valid: {', '.join(map(repr, valid))}")
+
+
+def _counts(values: dict[str, int], minimum: int) -> None:
+    for key, n in values.items():
+        if n < minimum:
+            raise SpecError(f"{key}: {n}; must be >= {minimum}")
+
+
+def _check_mapper_config(kind: str, cfg: dict, config_class) -> None:
+    """Type- and range-check ``mapper.config.<kind>`` against the kind's config dataclass:
+    numbers finite and >= 0, integer fields whose default is positive >= 1."""
+    hints = typing.get_type_hints(config_class)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(cfg) - set(fields))
+    if unknown:
+        raise SpecError(
+            f"mapper.config.{kind}: unknown field(s) {unknown}; {config_class.__name__} has {sorted(fields)}"
+        )
+    for name, value in cfg.items():
+        key = f"mapper.config.{kind}.{name}"
+        v = _value(hints[name], value, key)
+        items = v if isinstance(v, tuple) else (v,)
+        for x in items:
+            if isinstance(x, int | float) and not isinstance(x, bool):
+                if x < 0:
+                    raise SpecError(f"{key}: {x!r} is negative; give a number >= 0")
+                default = fields[name].default
+                if isinstance(default, int) and not isinstance(default, bool) and default > 0 and x < 1:
+                    raise SpecError(f"{key}: {x!r}; must be >= 1")
 
 
 def demo_spec(quick: bool = False) -> ExperimentSpec:
-    """The bundled demo: refusal, Qwen2.5-Coder 0.5B -> 1.5B (the paper's pair).
+    """The bundled demo: refusal, Qwen2.5-Coder 0.5B -> 1.5B (the paper's pair), sized for a
+    laptop (about 10 minutes on 2 CPU cores once the models are pulled).
 
-    ``quick`` is the same pipeline at smoke-test size (CI): a few texts and prompts.
+    The recipe is the spec's default one (map on the last token of disjoint task prompts,
+    shuffled draws, native twin, continuous score over a dose grid on 100 held-out prompts,
+    judged generations at alpha 1 as confirmation). ``quick`` is the same pipeline at
+    smoke-test size (CI).
     """
     spec = ExperimentSpec(
         name="demo-quick" if quick else "demo",
         source=ModelSpec("qwen2.5-coder-0.5b-instruct", layer=None),
         target=ModelSpec("qwen2.5-coder-1.5b-instruct", layer=None),
-        search=SearchSpec(texts=8, src_layers=list(range(4, 14, 2)), tgt_layers=list(range(4, 18, 2))),
+        search=SearchSpec(texts=6, src_layers=list(range(6, 14, 2)), tgt_layers=list(range(6, 18, 2))),
         mapper=MapperSpec(
-            kinds=["affine", "orthogonal"], use="affine", fit_texts=24, report_texts=2, report_prompts=0
+            kinds=["affine", "orthogonal"], use="affine", fit_prompts=200, report_texts=2, report_prompts=0
         ),
-        vector=VectorSpec(train_prompts=24),
+        vector=VectorSpec(train_prompts=64, twin_prompts=64),
         evaluation=EvalSpec(
-            prompts=10, alphas=[2.0, 4.0], max_new_tokens=12, ppl_texts=1, batch_size=10, recalibrated=False
+            prompts=100,
+            alphas=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
+            confirm_prompts=40,
+            confirm_alphas=[1.0],
+            max_new_tokens=10,
+            ppl_texts=0,
+            batch_size=20,
         ),
     )
     if quick:
         spec.corpus_chars = 200
         spec.search = SearchSpec(texts=2, src_layers=[8, 10], tgt_layers=[10, 12])
         spec.mapper = MapperSpec(
-            kinds=["affine"], use="affine", fit_texts=4, report_texts=1, report_prompts=0
+            kinds=["affine"], use="affine", fit_prompts=6, report_texts=1, report_prompts=0
         )
-        spec.vector = VectorSpec(train_prompts=4)
+        spec.vector = VectorSpec(train_prompts=4, twin_prompts=4)
         spec.evaluation = EvalSpec(
-            prompts=2, alphas=[4.0], max_new_tokens=4, ppl_texts=0, batch_size=2, recalibrated=False
+            prompts=4,
+            alphas=[1.0, 4.0],
+            bootstrap=200,
+            confirm_prompts=2,
+            confirm_alphas=[4.0],
+            max_new_tokens=4,
+            ppl_texts=0,
+            batch_size=4,
         )
     return spec
