@@ -1,12 +1,36 @@
 """Turn layer numbers and hook names into validated TransformerLens hook names."""
 
+import numbers
 import re
 from collections.abc import Sequence
 
+import numpy as np
+import torch
 from transformer_lens import HookedTransformer
 
-HookSpec = int | str | Sequence[int | str]
+#: a layer number: a Python int, a numpy integer (``np.argmax`` gives ``np.int64``) or a
+#: 0-d integer tensor (``scores.argmax()``); never a bool or a float
+Layer = int | np.integer | torch.Tensor
+HookSpec = Layer | str | Sequence[Layer | str]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_index(x: object) -> int | None:
+    """``x`` as a Python int when it is a layer number (any integer type), ``None`` when it is
+    not a number at all; a bool, a float or a tensor of either is refused with ``TypeError``."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.ndim > 1:
+            raise TypeError(f"a layer given as a tensor must hold one integer, got shape {tuple(x.shape)}")
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"layer {x.item()!r} is a {x.dtype} tensor; pass an integer layer number")
+        return int(x.item())
+    if isinstance(x, bool | np.bool_):
+        raise TypeError(f"layer {x!r} is a bool; pass an integer layer number (or a hook name)")
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Number):
+        raise TypeError(f"layer {x!r} is a {type(x).__name__}; pass an integer layer number (int(...))")
+    return None
 
 
 def resid_post(layer: int) -> str:
@@ -14,17 +38,23 @@ def resid_post(layer: int) -> str:
 
 
 def resolve_hooks(model: HookedTransformer, hooks: HookSpec) -> list[str]:
-    """Layer ints become ``blocks.{l}.hook_resid_post``; names must exist in the model."""
-    items = [hooks] if isinstance(hooks, int | str) else list(hooks)
+    """Layer numbers (any integer type) become ``blocks.{l}.hook_resid_post``; names must
+    exist in the model. Bools and floats are refused (``TypeError``)."""
+    single = isinstance(hooks, str | numbers.Number | np.bool_) or (
+        isinstance(hooks, torch.Tensor) and hooks.ndim == 0
+    )
+    items = [hooks] if single else list(hooks)
     if not items:
         raise ValueError("no hook points given: pass a layer number or a hook name")
     n = model.cfg.n_layers
     name = model.cfg.model_name
     out = []
     for h in items:
-        if isinstance(h, bool) or not isinstance(h, int | str):
-            raise TypeError(f"hook {h!r} must be a layer number or a hook name")
-        if isinstance(h, int):
+        layer = layer_index(h)
+        if layer is None and not isinstance(h, str):
+            raise TypeError(f"hook {h!r} must be a layer number or a hook name, not a {type(h).__name__}")
+        if layer is not None:
+            h = layer
             if not 0 <= h < n:
                 raise ValueError(f"layer {h} out of range: {name} has {n} layers (0..{n - 1})")
             h = resid_post(h)

@@ -6,6 +6,7 @@ little padding, left-padded, and generated with TransformerLens's KV-cached ``ge
 inside :func:`~xferlens.steering.apply.steer`. Replies come back in the prompts' order.
 """
 
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Literal
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from xferlens.activations.hooks import Layer
 from xferlens.activations.positions import Selector
-from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.activations.tokens import Tokenized, length_batches, tokenize
 from xferlens.steering.apply import steer
 from xferlens.steering.vector import SteeringVector
 
@@ -56,8 +58,9 @@ def generate(
     alpha: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
     positions: Literal["all", "prompt"] | Selector = "all",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Literal["all"] | Sequence[Layer] | None = None,
     force: bool = False,
+    truncate: bool = False,
     progress: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (new text only, special tokens dropped).
@@ -69,6 +72,9 @@ def generate(
         positions: ``"all"`` (prompt and generated tokens), ``"prompt"`` (every prompt
             token, none generated), or a text selector (``positions.substring("|prod|")``):
             the prompt tokens it picks.
+        truncate: a prompt whose tokens plus ``max_new_tokens`` exceed the model's context
+            (``model.cfg.n_ctx``) is refused with an error naming it when false; when true
+            it keeps its last tokens (and its BOS), with a warning.
 
     Example:
         >>> generate(model, chat_prompts(model, ["Write a haiku"]), vector=v, alpha=4)  # doctest: +SKIP
@@ -77,8 +83,13 @@ def generate(
         raise ValueError("prompts must be a non-empty list of strings")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"prompt {i} is {p!r}: every prompt must be a non-empty string")
     tok = model.tokenizer
-    tk = tokenize(model, prompts, truncate=False)
+    tk = _fit_context(
+        model, tokenize(model, prompts, max_length=2**62, truncate=False), max_new_tokens, truncate
+    )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stops = stop_token_ids(model)
     device = model.cfg.device
@@ -160,6 +171,42 @@ def greedy_tokens(
         step_input = nxt[:, None]
         step_mask = torch.ones((batch, 1), dtype=mask.dtype, device=tokens.device)
     return out
+
+
+def _fit_context(model: HookedTransformer, tk: Tokenized, max_new_tokens: int, truncate: bool) -> Tokenized:
+    """Refuse (or, with ``truncate``, cut from the left) prompts that leave no room in the
+    context for ``max_new_tokens``; a cut prompt keeps its BOS."""
+    n_ctx = model.cfg.n_ctx
+    room = n_ctx - max_new_tokens
+    bos = model.tokenizer.bos_token_id
+    for i, ids in enumerate(tk.ids):
+        if not ids:
+            raise ValueError(f"prompt {i} has no tokens: pass a non-empty prompt")
+        if len(ids) <= room:
+            continue
+        if not truncate or room < 1:
+            fix = (
+                f"pass truncate=True to keep its last {room} tokens, or ask for fewer new tokens"
+                if room >= 1
+                else f"ask for fewer than {n_ctx} new tokens"
+            )
+            raise ValueError(
+                f"prompt {i} is {len(ids)} tokens long; with max_new_tokens={max_new_tokens} that makes "
+                f"{len(ids) + max_new_tokens}, more than {model.cfg.model_name}'s context "
+                f"n_ctx={n_ctx}: {fix}"
+            )
+        head = 1 if room >= 2 and ids[0] == bos and tk.spans[i][0] == (0, 0) else 0
+        keep = room - head
+        warnings.warn(
+            f"prompt {i}: {len(ids)} tokens cut to its last {room} (n_ctx={n_ctx}, "
+            f"max_new_tokens={max_new_tokens})",
+            stacklevel=3,
+        )
+        tk.ids[i] = ids[:head] + ids[len(ids) - keep :]
+        tk.spans[i] = tk.spans[i][:head] + tk.spans[i][len(ids) - keep :]
+        tk.special[i] = tk.special[i][:head] + tk.special[i][len(ids) - keep :]
+        tk.truncated.append(i)
+    return tk
 
 
 def _real_token_mask(tokens: torch.Tensor, pad: int) -> torch.Tensor:

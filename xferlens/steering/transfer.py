@@ -40,6 +40,7 @@ out of that fit: with them in, the map can simply reproduce the target's own vec
 (0.99), which is no longer a transfer.
 """
 
+import math
 from typing import Literal
 
 import torch
@@ -137,16 +138,36 @@ def transfer(
         raise ValueError(f"recalibrate must be False, True, 'norm' or 'spread', not {recalibrate!r}")
     if recalibrate:
         src_scale, tgt_scale = training.get(f"src_{recalibrate}"), training.get(f"tgt_{recalibrate}")
-        if not (src_scale and tgt_scale):
+        if src_scale is None or tgt_scale is None:
             raise ValueError(
                 f"recalibrate={recalibrate!r} needs the activation scales recorded when the mapper was "
                 f"fitted (mapper.meta['training']['src_{recalibrate}'/'tgt_{recalibrate}']); refit "
                 "with this version of fit_mapper"
             )
-        if raw_norm == 0:
-            raise ValueError("the transferred vector is zero; cannot recalibrate its norm")
+        for key, value in ((f"src_{recalibrate}", src_scale), (f"tgt_{recalibrate}", tgt_scale)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(
+                    f"recalibrate={recalibrate!r}: mapper.meta['training'][{key!r}] is {value!r}, but "
+                    "recalibration scales by it, so it must be a finite number > 0; refit the mapper "
+                    "on varied activations (or get its artifact again), or pass recalibrate=False"
+                )
+        if raw_norm == 0 or not math.isfinite(raw_norm):
+            raise ValueError(f"the transferred vector has norm {raw_norm}; cannot recalibrate its norm")
         scale = (vector.norm(hook) / src_scale) * tgt_scale / raw_norm
+        if not math.isfinite(scale):
+            raise ValueError(
+                f"recalibration scale {scale} is not finite (source vector norm {vector.norm(hook)}, "
+                f"src_{recalibrate} {src_scale}, tgt_{recalibrate} {tgt_scale}, raw norm {raw_norm}); "
+                "pass recalibrate=False"
+            )
         t = t * scale
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the recalibrated vector (scale {scale}) overflowed; pass recalibrate=False")
     model = {k: v for k, v in (mapper.meta.get("tgt") or {}).items() if k != "hook"}
     if not model:
         model = {"name": None, "d_model": mapper.d_tgt}

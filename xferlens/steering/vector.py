@@ -16,7 +16,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from xferlens.artifacts import ArtifactError, read_artifact, write_artifact
+from xferlens.artifacts import (
+    ArtifactError,
+    check_count,
+    check_hook_name,
+    check_scale,
+    read_artifact,
+    write_artifact,
+)
 from xferlens.identity import identity_differences, model_identity
 
 FORMAT = "xferlens.steering/1"
@@ -155,6 +162,7 @@ def load_steering_vector(
 ) -> SteeringVector:
     """Load a vector saved with ``vector.save(folder)``; with ``model``, check it belongs there."""
     header, tensors = read_artifact(folder, STEM, FORMAT, SteeringFileError)
+    _check_header(header, tensors, Path(folder) / f"{STEM}.json")
     try:
         vec = SteeringVector(tensors, header["model"], header.get("recipe", {}), header.get("act_norm", {}))
     except (KeyError, ValueError) as e:
@@ -162,3 +170,36 @@ def load_steering_vector(
     if model is not None:
         vec.check_model(model, force=force)
     return vec.to(model.cfg.device) if model is not None else vec
+
+
+def _check_header(header: dict, tensors: dict[str, Tensor], where: Path) -> None:
+    """Range-check what a loaded vector will compute with: hooks, widths, recorded scales."""
+    err = SteeringFileError
+    model = header.get("model")
+    if not isinstance(model, dict):
+        raise err(f"{where}: 'model' is {model!r}, expected the model's identity; get the artifact again")
+    n_layers = model.get("n_layers")
+    if n_layers is not None:
+        check_count(n_layers, "model.n_layers", str(where), err)
+    d_model = model.get("d_model")
+    if d_model is not None:
+        check_count(d_model, "model.d_model", str(where), err)
+    for key in ("name", "weights", "tokenizer"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise err(f"{where}: model.{key} is {model[key]!r}, expected a string; get the artifact again")
+    for hook, v in tensors.items():
+        check_hook_name(hook, f"{where} (tensor name)", err, n_layers=n_layers)
+        if not v.is_floating_point():
+            raise err(f"{where}: direction {hook!r} has dtype {v.dtype}, expected floating point")
+    act_norm = header.get("act_norm", {})
+    if not isinstance(act_norm, dict):
+        raise err(f"{where}: act_norm is {act_norm!r}, expected {{hook: norm}}; get the artifact again")
+    for hook, n in act_norm.items():
+        if hook not in tensors:
+            raise err(
+                f"{where}: act_norm names hook {hook!r}, but the vector's directions are at "
+                f"{sorted(tensors)}; get the artifact again"
+            )
+        check_scale(n, f"act_norm[{hook!r}]", str(where), err)
+    if not isinstance(header.get("recipe", {}), dict):
+        raise err(f"{where}: recipe is {header.get('recipe')!r}, expected a dict; get the artifact again")
