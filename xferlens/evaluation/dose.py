@@ -19,6 +19,7 @@ Rules:
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,7 +70,8 @@ def equivalent_dose(
     err = np.where(valid[None], err, np.nan)
     need = min(2, len(a))
     enough = valid.sum(1) >= need
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # rows of all-NaN (c too large for the grid) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         loss = np.nanmean(np.where(enough[None, :, None], err, np.nan), axis=2)  # [B, C]
     out = np.full(len(curve), np.nan)
     ok = ~np.all(np.isnan(loss), axis=1)
