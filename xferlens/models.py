@@ -28,6 +28,32 @@ near twice the float32 weights (TransformerLens's own path holds several copies)
 
 The processed weights are cached as safetensors under ``$XFERLENS_HOME/tl/``; the second
 load of the same spec with the same options reads them directly.
+
+Integrity
+---------
+Every folder xferlens writes (a pulled or de-quantized HF folder, a cached conversion)
+records the size, ``stat`` fields (mtime, ctime, inode) and sha256 of its files in its
+metadata file (``xferlens.json`` / ``xferlens_tl.json``), which is itself sealed by a
+sha256 over its contents. Each load checks them: files whose ``stat`` fields match the
+record are trusted without being read (warm loads stay fast), anything else is re-hashed,
+and ``verify=True`` re-hashes everything. A missing, added or changed file, or an edited
+metadata file, raises :class:`xferlens.zoo.CorruptCacheError` naming the file and the
+command that rebuilds it. A folder copied from another machine (``hf/<name>``, or any
+folder holding ``xferlens.json``) is checked the same way: a copy has new inodes, so its
+first load re-hashes every file and records the new ``stat`` fields. A plain HF folder
+without ``xferlens.json`` has no record and is not checked. The record proves the files
+are the ones xferlens wrote (integrity), not who wrote them: anyone who can write the
+folder can also rewrite its record.
+
+TransformerLens official names (``"gpt2"``) are loaded from the hub with
+``use_safetensors=True``: weights are read from ``.safetensors`` files only, never from
+pickle (``torch.load``), and a repository without them is refused with
+:class:`PickleRefusedError`. The repositories TransformerLens reads only from ``.pth``
+checkpoints with ``torch.load(weights_only=False)`` (``NeelNanda/*``, ``ArthurConmy/*``,
+``Baidicoot/*``: the SoLU, GELU and attn-only toy models, redwood_attn_2l and
+Othello-GPT) are refused before anything is downloaded. Pass ``allow_pickle=True`` to
+read pickle checkpoints from a repository you trust: unpickling can run any code the
+file carries.
 """
 
 import hashlib
@@ -139,13 +165,20 @@ def _folder_fingerprint(folder: Path) -> str:
 
 def gguf_file_to_hf(path: Path, *, home: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """De-quantize a standalone ``.gguf`` file once into the cache; return the HF folder."""
-    from xferlens.gguf_export import gguf_to_hf
-
     sha = zoo.sha256_file(path)
     root = paths.home(home)
     dest = root / "hf" / f"gguf-{sha[:16]}"
     if (dest / zoo.PROVENANCE_FILE).is_file():
         return dest
+    with paths.cache_lock(root, f"hf-{dest.name}"):
+        if not (dest / zoo.PROVENANCE_FILE).is_file():  # or another job made it while we waited
+            _gguf_to_cache(path, sha, root, dest, progress=progress)
+    return dest
+
+
+def _gguf_to_cache(path: Path, sha: str, root: Path, dest: Path, *, progress: bool) -> None:
+    from xferlens.gguf_export import gguf_to_hf
+
     with paths.staging_dir(root, "gguf-") as stage:
         os.symlink(path.resolve(), stage / path.name)
         out = stage / "hf"
@@ -155,9 +188,8 @@ def gguf_file_to_hf(path: Path, *, home: str | os.PathLike | None = None, progre
             "source": {"gguf_name": path.name, "sha256": sha, "size": path.stat().st_size},
             "conversion": summary,
         }
-        (out / zoo.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        zoo.write_meta(out, zoo.PROVENANCE_FILE, provenance)
         paths.publish_dir(out, dest)
-    return dest
 
 
 def resolve_source(
@@ -208,6 +240,83 @@ def _is_tl_official(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class PickleRefusedError(ValueError):
+    """A hub checkpoint could only be read with pickle, and the caller did not allow it."""
+
+
+# Hub repos whose weights TransformerLens reads from ``.pth`` files with
+# ``torch.load(weights_only=False)`` (see transformer_lens.loading_from_pretrained,
+# get_pretrained_state_dict): unpickling them can run any code the file carries.
+_PICKLE_ONLY_REPOS = ("NeelNanda", "ArthurConmy", "Baidicoot")
+
+
+def _hub_weight_kwargs(name: str, allow_pickle: bool) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments that keep the hub loader off pickle.
+
+    Without ``allow_pickle``: safetensors only (``use_safetensors=True``, which
+    transformers honours by refusing ``.bin`` files), and the pickle-only repos refused.
+    """
+    if allow_pickle:
+        return {}
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    official = get_official_model_name(name)
+    if official.startswith(_PICKLE_ONLY_REPOS):
+        raise PickleRefusedError(
+            f"{name!r} ({official}) is published only as a pickle checkpoint (.pth) that "
+            "TransformerLens reads with torch.load(weights_only=False), which can run code "
+            "hidden in the file. Refused; if you trust the repository, pass "
+            f"load_model({name!r}, allow_pickle=True)."
+        )
+    return {"use_safetensors": True}
+
+
+def _load_from_hub(loader, spec: str, allow_pickle: bool, **kwargs) -> HookedTransformer:
+    """Call TransformerLens's hub loader, translating 'no safetensors' into a clear refusal."""
+    extra = _hub_weight_kwargs(spec, allow_pickle)
+    try:
+        return loader(spec, **kwargs, **extra)
+    except OSError as e:
+        # transformers' words when use_safetensors=True finds no safetensors file
+        if allow_pickle or "cannot be loaded with `safetensors`" not in str(e):
+            raise
+        raise PickleRefusedError(
+            f"{spec!r}: no safetensors weights found for it (the hub offers only pickle files, "
+            "or, offline, the local hub cache holds none); loading pickle files can run code "
+            "hidden in them. Refused; if you trust the repository, pass "
+            f"load_model({spec!r}, allow_pickle=True)."
+        ) from e
+
+
+def _source_fix(source: Source, root: Path) -> str:
+    """The command that rebuilds a source folder whose files no longer match their record."""
+    try:
+        prov = json.loads((source.folder / zoo.PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        prov = {}
+    prov = prov if isinstance(prov, dict) else {}
+    zoo_name = prov.get("zoo_name") or (source.spec if source.spec in zoo.ZOO else None)
+    if zoo_name in zoo.ZOO:
+        where = "" if source.folder == zoo.hf_dir(zoo_name, root) else f" and copy it to {source.folder}"
+        return f"`xferlens pull {zoo_name} --force`{where}"
+    if source.folder.parent == root / "hf" and prov.get("gguf_file"):
+        return f"`rm -rf {source.folder}`, then load {prov['gguf_file']} again (it is de-quantized anew)"
+    return (
+        f"copy {source.folder} again from where it came from (if you changed its files on "
+        f'purpose, delete the "{zoo.FILES_KEY}" entry of {source.folder / zoo.PROVENANCE_FILE} '
+        "to record them anew)"
+    )
+
+
+def verify_source(source: Source, *, home: str | os.PathLike | None = None, full: bool = False) -> None:
+    """Check a resolved folder's files against its record, when it carries one.
+
+    A plain HF folder without xferlens's provenance file is not checked (it has no record).
+    """
+    if (source.folder / zoo.PROVENANCE_FILE).is_file():
+        zoo.verify_folder(source.folder, fix=_source_fix(source, paths.home(home)), full=full)
 
 
 # ---------------------------------------------------------------------- conversion
@@ -400,16 +509,17 @@ def _save_converted(
         flip = set(_transposable(model))
         sd = {k: (v.T if k in flip else v) for k, v in model.state_dict().items()}
         save_streaming(sd, out / TL_WEIGHTS_FILE, metadata={TRANSPOSED_KEY: json.dumps(sorted(flip))})
-        (out / TL_META_FILE).write_text(json.dumps({**meta, "cfg": cfg}, indent=2, default=str))
+        zoo.write_meta(out, TL_META_FILE, {**meta, "cfg": cfg})
         paths.publish_dir(out, dest)
 
 
-def _load_converted(dest: Path, dtype: torch.dtype, tokenizer) -> HookedTransformer:
+def _load_converted(dest: Path, dtype: torch.dtype, tokenizer, *, verify: bool = False) -> HookedTransformer:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    fix = f"delete that folder (`rm -rf {dest}`) and load the model again: it is converted anew"
     try:
-        meta = json.loads((dest / TL_META_FILE).read_text())
+        meta = zoo.verify_folder(dest, fix=fix, meta_file=TL_META_FILE, full=verify)
         model = _build_model(meta["cfg"], dtype, tokenizer)
         sd = load_file(dest / TL_WEIGHTS_FILE)
         with safe_open(dest / TL_WEIGHTS_FILE, "pt") as f:
@@ -417,6 +527,8 @@ def _load_converted(dest: Path, dtype: torch.dtype, tokenizer) -> HookedTransfor
         for k in flipped:
             sd[k] = sd[k].T  # a view of the mapped file: column-major, as transposed_layout wants
         _assign(model, sd, dtype)
+    except zoo.CorruptCacheError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"the cached conversion in {dest} is unreadable ({type(e).__name__}: {e}); "
@@ -475,6 +587,8 @@ def load_model(
     pull: bool = True,
     cache: bool = True,
     progress: bool = True,
+    verify: bool = False,
+    allow_pickle: bool = False,
 ) -> HookedTransformer:
     """Load ``spec`` as a ``HookedTransformer`` with its tokenizer.
 
@@ -491,6 +605,10 @@ def load_model(
         home: cache root (default ``$XFERLENS_HOME`` or ``~/.cache/xferlens``).
         pull: fetch a zoo model that is not in the cache yet.
         cache: reuse/store the converted weights under ``home/tl``.
+        verify: re-hash every cached file against its record (default: only files whose
+            size or mtime changed since it was written; see the module docs).
+        allow_pickle: let a TransformerLens hub name load pickle checkpoints (``.bin``,
+            ``.pth``), which can run code; default safetensors only.
 
     Example:
         >>> model = load_model("qwen2.5-coder-0.5b-instruct", device="cpu")  # doctest: +SKIP
@@ -509,31 +627,37 @@ def load_model(
         tl_kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         if default_prepend_bos is not None:
             tl_kwargs["default_prepend_bos"] = default_prepend_bos
-        model = loader(str(spec), device=dev, dtype=dt, **kwargs, **tl_kwargs)
+        model = _load_from_hub(loader, str(spec), allow_pickle, device=dev, dtype=dt, **kwargs, **tl_kwargs)
         transposed_layout(model)
         return model
 
     t0 = time.perf_counter()
+    verify_source(source, home=home, full=verify)
     overrides = {"n_ctx": n_ctx, "default_prepend_bos": default_prepend_bos}
     root = paths.home(home)
     dest = root / "tl" / f"{source.name}-{_cache_key(source, processing, dt, overrides)}"
-    tokenizer = None
-    if cache and (dest / TL_META_FILE).is_file():
-        tokenizer = _tokenizer(source.folder)
-        model = _load_converted(dest, dt, tokenizer)
+    if not cache:
+        model, _ = _convert(source, processing, dt, n_ctx, default_prepend_bos)
+        how = "converted"
+    elif (dest / TL_META_FILE).is_file():
+        model = _load_converted(dest, dt, _tokenizer(source.folder), verify=verify)
         how = "cached conversion"
     else:
-        model, cfg = _convert(source, processing, dt, n_ctx, default_prepend_bos)
-        how = "converted"
-        if cache:
-            meta = {
-                "spec": source.spec,
-                "folder": str(source.folder),
-                "fingerprint": source.fingerprint,
-                "processing": processing.__dict__,
-                "dtype": str(dt),
-            }
-            _save_converted(model, cfg, dest, meta, root)
+        with paths.cache_lock(root, f"tl-{dest.name}"):  # one conversion per entry at a time
+            if (dest / TL_META_FILE).is_file():  # another job converted it while we waited
+                model = _load_converted(dest, dt, _tokenizer(source.folder), verify=verify)
+                how = "cached conversion"
+            else:
+                model, cfg = _convert(source, processing, dt, n_ctx, default_prepend_bos)
+                how = "converted"
+                meta = {
+                    "spec": source.spec,
+                    "folder": str(source.folder),
+                    "fingerprint": source.fingerprint,
+                    "processing": processing.__dict__,
+                    "dtype": str(dt),
+                }
+                _save_converted(model, cfg, dest, meta, root)
     model.to(dev)
     model.cfg.device = dev
     transposed_layout(model)

