@@ -1,9 +1,19 @@
 """Judging maps and interventions: mapper report cards, layer-pair search, steering
-evaluation with controls, judges, text scores."""
+evaluation with controls, the continuous steering score and its dose-response, judges,
+text scores."""
 
+from xferlens.evaluation.dose import DoseEstimate, DoseResponse, equivalent_dose
 from xferlens.evaluation.judges import REFUSAL_PATTERNS, is_refusal, substring
 from xferlens.evaluation.layers import LayerScores, layer_pair_scores, rank_agreement
 from xferlens.evaluation.patching import MapperReport, evaluate_mapper, evaluate_mappers
+from xferlens.evaluation.score import (
+    REFUSAL_OPENINGS,
+    Openings,
+    dose_response,
+    resolve_openings,
+    score_conditions,
+    steering_scores,
+)
 from xferlens.evaluation.steering import (
     LayerSweep,
     SteeringReport,
@@ -17,11 +27,17 @@ from xferlens.evaluation.steering import (
 from xferlens.evaluation.text import rouge_l
 
 __all__ = [
+    "REFUSAL_OPENINGS",
     "REFUSAL_PATTERNS",
+    "DoseEstimate",
+    "DoseResponse",
+    "Openings",
     "LayerScores",
     "LayerSweep",
     "MapperReport",
     "SteeringReport",
+    "dose_response",
+    "equivalent_dose",
     "evaluate_mapper",
     "evaluate_mappers",
     "evaluate_steering",
@@ -29,10 +45,13 @@ __all__ = [
     "layer_pair_scores",
     "perplexity",
     "random_like",
+    "resolve_openings",
     "rank_agreement",
     "rouge_l",
+    "score_conditions",
     "select_by_behaviour",
     "steerability_sweep",
+    "steering_scores",
     "substring",
     "wilson",
 ]
