@@ -156,6 +156,23 @@ class SteeringVector:
         header = {"format": FORMAT, "model": self.model, "recipe": self.recipe, "act_norm": self.act_norm}
         return write_artifact(folder, STEM, self.directions, header)
 
+    def to_gguf(
+        self, path: str | os.PathLike, model: HookedTransformer | None = None, *, alpha: float = 1.0
+    ) -> Path:
+        """Write a llama.cpp control vector: see :func:`xferlens.interop.to_gguf`."""
+        from xferlens.interop.gguf_cvec import to_gguf
+
+        return to_gguf(self, path, model, alpha=alpha)
+
+    @staticmethod
+    def from_gguf(
+        path: str | os.PathLike, model: HookedTransformer, *, force: bool = False
+    ) -> "SteeringVector":
+        """Read a llama.cpp control vector: see :func:`xferlens.interop.from_gguf`."""
+        from xferlens.interop.gguf_cvec import from_gguf
+
+        return from_gguf(path, model, force=force)
+
 
 def load_steering_vector(
     folder: str | os.PathLike, model: HookedTransformer | None = None, *, force: bool = False
