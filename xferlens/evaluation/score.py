@@ -22,7 +22,8 @@ Cost rules (:func:`score_conditions`):
 - The layers below the first steered point do not depend on the condition (a vector added
   at ``blocks.L.hook_resid_post`` changes nothing below it), so they run once per prompt and
   every condition starts from the stored residual at that point.
-- The opening tokens after the first run as short continuations on the prompt's KV cache.
+- The opening tokens after the first run as short continuations on the prompt's KV cache;
+  their lower layers, too, run once per prompt.
 
 Steering is applied at every position (prompt and opening tokens), as
 ``generate(..., positions="all")`` does.
@@ -274,6 +275,15 @@ def score_conditions(
                 base_prefix.previous_attention_mask.expand(b, -1),
             )
             lower = model(tokens, past_kv_cache=cache_a, attention_mask=mask, stop_at_layer=s)
+        # the opening tokens' lower layers do not depend on the condition either: once per batch
+        row_lower = {}
+        if lower is not None and rows:
+            frozen_a = _frozen(cache_a.entries, full_mask)
+            for row in rows:
+                t = torch.tensor([row], dtype=torch.long, device=dev).expand(b, -1)
+                row_lower[row] = model(
+                    t, past_kv_cache=frozen_a, attention_mask=torch.ones_like(t), stop_at_layer=s
+                )
         for c, hs in enumerate(hooks):
             upper_entries = _expanded(cond_prefix[c], b, range(s, model.cfg.n_layers))
             if lower is not None:
@@ -306,7 +316,25 @@ def score_conditions(
             rows_idx = torch.arange(b, device=dev)
             root = _final_logprobs(model, resid[rows_idx, last])  # [b, vocab]
             cont = {}
-            if rows:
+            if rows and lower is not None:
+                frozen = _frozen(cache_b.entries, full_mask)
+                inner = [(n, f) for n, f in hs if n not in at_input]
+                for row in rows:
+                    x = row_lower[row]
+                    for name, fn in hs:
+                        if name in at_input:
+                            x = fn(x, SimpleNamespace(name=name))
+                    ones = torch.ones((b, len(row)), dtype=full_mask.dtype, device=dev)
+                    with model.hooks(fwd_hooks=inner):
+                        r = model(
+                            x,
+                            start_at_layer=s,
+                            stop_at_layer=model.cfg.n_layers,
+                            past_kv_cache=frozen,
+                            attention_mask=torch.cat([full_mask, ones], dim=1),
+                        )
+                    cont[row] = _final_logprobs(model, r)  # [b, len(row), vocab]
+            elif rows:
                 frozen = _frozen(cache_b.entries, full_mask)
                 with model.hooks(fwd_hooks=hs):
                     for row in rows:
