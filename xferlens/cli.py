@@ -1,7 +1,14 @@
-"""The ``xferlens`` command: ``models``, ``pull``, ``demo``, ``run``."""
+"""The ``xferlens`` command: ``models``, ``pull``, ``demo``, ``run``.
+
+``run`` and ``demo`` also run under torchrun, one process per device
+(``torchrun --nproc-per-node N -m xferlens.cli run spec.yaml``): each rank joins the process
+group, takes the device of its local rank, and computes its share; rank 0 writes the run
+folder and prints the summary (see :mod:`xferlens.experiment.run`).
+"""
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -33,16 +40,33 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(spec, args: argparse.Namespace) -> int:
-    from xferlens.experiment import run_experiment, summary_table
+#: under torchrun, how long a rank may wait for the others (rank 0 runs the steps that are
+#: not split while the other ranks wait, so this bounds one such step, not the job)
+RUN_TIMEOUT_S = 12 * 3600.0
 
+
+def _run(spec, args: argparse.Namespace) -> int:
     if args.device:
         spec.device = args.device
+    if "WORLD_SIZE" not in os.environ:  # a plain process
+        return _run_here(spec, args)
+    from xferlens import distributed as xd
+
+    return xd.run(_run_here, spec, args, device=spec.device, timeout_s=RUN_TIMEOUT_S)
+
+
+def _run_here(spec, args: argparse.Namespace) -> int:
+    from xferlens import distributed as xd
+    from xferlens.experiment import run_experiment, summary_table
+
+    if xd.active():  # one device per rank (cuda:LOCAL_RANK on CUDA)
+        spec.device = str(xd.device_for_rank(spec.device))
     t0 = time.perf_counter()
     run = run_experiment(spec, args.out, overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"\n{spec.name}: {spec.source.model} -> {spec.target.model}")
-    print(summary_table(run))
-    print(f"\nreport: {run.folder / 'report.md'}  ({time.perf_counter() - t0:.0f}s this time)")
+    if xd.is_main():
+        print(f"\n{spec.name}: {spec.source.model} -> {spec.target.model}")
+        print(summary_table(run))
+        print(f"\nreport: {run.folder / 'report.md'}  ({time.perf_counter() - t0:.0f}s this time)")
     return 0
 
 
@@ -106,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (zoo.ZooError, FileNotFoundError, ValueError, RunFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        env = os.environ
+        where = f" (rank {env.get('RANK')} of {env['WORLD_SIZE']})" if "WORLD_SIZE" in env else ""
+        print(f"error{where}: {e}", file=sys.stderr)
         return 1
 
 

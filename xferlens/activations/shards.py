@@ -8,7 +8,16 @@ Layout of a shard folder::
     shard-00000.safetensors ...
 
 The manifest is written last, after every shard is complete, and the folder is renamed
-into place, so a half-written folder is never taken for a finished one. Readers check
+into place, so a half-written folder is never taken for a finished one. ``overwrite=True``
+replaces only a folder xferlens wrote (a recognised manifest, shards, texts: nothing else);
+any other folder is refused, naming what it holds, and nothing is deleted.
+
+Under ``torch.distributed`` (a process group of several ranks, see
+:mod:`xferlens.distributed`) every rank calls ``cache_to_disk`` with the same texts and
+folder, on a filesystem they share: each rank caches its contiguous share of the texts
+into its own shards (``shard-r001-00000.safetensors``...), and rank 0 writes the one
+manifest, listing every rank's shards with their sha256, only after all ranks succeeded.
+If any rank fails, every rank raises and no manifest (no folder) appears. Readers check
 each shard's size and tensor layout against the manifest when opening, and its sha256
 when reading it: a missing, extra, swapped or altered shard is refused, never mixed in.
 Peak memory while writing is one shard plus one batch, whatever the corpus size.
@@ -37,6 +46,16 @@ from xferlens.activations.cache import (
 )
 from xferlens.activations.hooks import HookSpec, resolve_hooks
 from xferlens.activations.positions import Selector, describe
+from xferlens.distributed import (
+    active,
+    agree,
+    all_gather_objects,
+    broadcast_object,
+    is_main,
+    rank,
+    shard_indices,
+)
+from xferlens.distributed import world_size as _world_size
 from xferlens.safetensors_io import read_header, save_streaming
 
 FORMAT = "xferlens.activation-shards/1"
@@ -80,6 +99,134 @@ def read_verified_shard(folder: Path, entry: dict) -> dict[str, Tensor]:
     if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
         raise ShardError(f"{folder / entry['file']}: sha256 differs from the manifest: altered or corrupted")
     return load_bytes(raw)
+
+
+OWN_FILES = ("manifest.json", "texts.jsonl")
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_replaceable(folder: Path, overwrite: bool) -> None:
+    """Refuse to write over ``folder`` unless it is absent, or ``overwrite`` is set and it
+    is empty or a shard folder xferlens wrote: a manifest of a known xferlens format, shard
+    files and texts, and nothing else. Raises ``FileExistsError`` naming what is there."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it or choose another folder")
+    if folder.is_symlink() or not folder.is_dir():
+        raise FileExistsError(
+            f"{folder} is a {'link' if folder.is_symlink() else 'file'}, not a shard folder xferlens wrote; "
+            "overwrite=True only replaces those: remove it yourself or choose another folder"
+        )
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return
+    names = [p.name for p in entries]
+    foreign = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in entries
+        if not p.is_file()
+        or not (p.name in OWN_FILES or (p.name.startswith("shard-") and p.name.endswith(".safetensors")))
+    ]
+    fmt = None
+    if "manifest.json" in names:
+        try:
+            fmt = json.loads((folder / "manifest.json").read_text()).get("format")
+        except (ValueError, OSError, AttributeError):
+            fmt = None
+    known = isinstance(fmt, str) and fmt.startswith("xferlens.") and "shards" in fmt
+    if foreign or not known:
+        why = (
+            f"files xferlens did not write: {_listing(foreign)}"
+            if foreign
+            else "no xferlens manifest.json"
+            if fmt is None
+            else f"a manifest of format {fmt!r}, not an xferlens shard folder"
+        )
+        raise FileExistsError(
+            f"{folder} holds {_listing(names)} ({why}); overwrite=True only replaces a shard folder "
+            "xferlens wrote, so nothing was deleted: remove it yourself or choose another folder"
+        )
+
+
+def _swap_into_place(stage: Path, folder: Path, overwrite: bool) -> None:
+    """Move the finished ``stage`` to ``folder``; an old folder (checked again) is moved
+    aside first and deleted only once the new one is in place."""
+    if not folder.exists() and not folder.is_symlink():
+        os.replace(stage, folder)
+        return
+    check_replaceable(folder, overwrite)
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent)) / "old"
+    os.replace(folder, old)
+    try:
+        os.replace(stage, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def write_staged(folder: Path, overwrite: bool, work, finish, *, distributed: bool | None = None) -> None:
+    """Write a shard folder through a staging folder, on one rank or on all.
+
+    ``work(stage, prefix)`` runs on every rank and writes that rank's shards (file names
+    starting with ``prefix``), returning a small JSON-like record; ``finish(stage,
+    records)`` runs on rank 0 with every rank's record (rank order) and writes the
+    manifest. The stage is renamed into place only after every rank succeeded; if any
+    rank fails, every rank raises and the stage is removed.
+    """
+    spread = active(distributed)
+    err: Exception | None = None
+    stage_name = None
+    if not spread or is_main():
+        try:
+            check_replaceable(folder, overwrite)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            stage_name = tempfile.mkdtemp(prefix=f".{folder.name}-partial-", dir=folder.parent)
+        except Exception as e:  # noqa: BLE001 - agreed on below
+            err = e
+    if spread:
+        agree(err, f"preparing {folder}")
+        stage_name = broadcast_object(stage_name)
+        unseen = None
+        if not Path(stage_name).is_dir():  # a rank on another machine, without a shared disk
+            unseen = FileNotFoundError(
+                f"rank {rank()} cannot see {stage_name}, which rank 0 made: every rank must write "
+                f"to one filesystem they all share (put {folder} there)"
+            )
+        try:
+            agree(unseen, f"preparing {folder}")
+        except Exception:
+            if is_main():
+                shutil.rmtree(stage_name, ignore_errors=True)
+            raise
+    elif err is not None:
+        raise err
+    stage = Path(stage_name)
+    prefix = f"shard-r{rank():03d}-" if spread else "shard-"
+    try:
+        try:
+            record = work(stage, prefix)
+        except Exception as e:  # noqa: BLE001 - agreed on below
+            agree(e, f"writing shards to {folder}")
+            raise
+        agree(None, f"writing shards to {folder}")
+        records = all_gather_objects(record) if spread else [record]
+        err = None
+        if not spread or is_main():
+            try:
+                finish(stage, records)
+                _swap_into_place(stage, folder, overwrite)
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                err = e
+        agree(err, f"finishing {folder}")  # also keeps other ranks until the folder is in place
+    finally:
+        if not spread or is_main():
+            shutil.rmtree(stage, ignore_errors=True)  # only left if we failed before the rename
 
 
 class ShardBuffer:
@@ -135,6 +282,7 @@ def cache_to_disk(
     overwrite: bool = False,
     progress: bool = True,
     max_batch_tokens: int | None = 1024,
+    distributed: bool | None = None,
 ) -> "ShardedActivations":
     """Cache activations of ``texts`` into shards under ``folder``; return a reader.
 
@@ -143,23 +291,28 @@ def cache_to_disk(
     shard buffer plus one forward pass of at most ``max_batch_tokens`` padded tokens: it
     does not grow with the number of texts (it does with the longest text; cap that with
     ``max_length``).
+
+    ``overwrite=True`` replaces only a shard folder xferlens wrote (see
+    :func:`check_replaceable`). ``distributed``: ``None`` (default) splits the texts over
+    the ranks when a process group of several ranks is initialised; ``False`` makes each
+    process do all the work alone. Distributed, call it on every rank with the same
+    arguments (each with its own copy of the model); every rank returns the same reader.
     """
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it or choose another folder")
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings")
     names = resolve_hooks(model, hooks)
     dt = storage_dtype(dtype)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}-partial-", dir=folder.parent))
-    try:
-        with open(stage / "texts.jsonl", "w", encoding="utf-8") as f:
-            for t in texts:
-                f.write(json.dumps(t) + "\n")
+    ShardBuffer(shard_rows)  # validates shard_rows before anything is written
+    spread = active(distributed)
+    mine = shard_indices(len(texts), rank(), _world_size()) if spread else range(len(texts))
+
+    def work(stage: Path, prefix: str) -> dict:
         shards: list[dict] = []
         buffer = ShardBuffer(shard_rows)
 
         def write(rows: dict[str, Tensor]) -> None:
-            name = f"shard-{len(shards):05d}.safetensors"
+            name = f"{prefix}{len(shards):05d}.safetensors"
             save_streaming(rows, stage / name)
             n = len(rows["text_index"])
             shards.append(
@@ -172,30 +325,40 @@ def cache_to_disk(
             )
 
         d_of: dict[str, list[int]] = {}
-        for part in iter_activations(
-            model,
-            texts,
-            names,
-            positions=positions,
-            drop_special=drop_special,
-            batch_size=batch_size,
-            dtype=dt,
-            max_length=max_length,
-            truncate=truncate,
-            progress=progress,
-            max_batch_tokens=max_batch_tokens,
-        ):
-            d_of = {h: list(a.shape[1:]) for h, a in part["acts"].items()}
-            flat = {f"acts/{h}": a for h, a in part["acts"].items()} | {k: part[k] for k in INDEX_KEYS}
-            for full in buffer.add(flat):
-                write(full)
+        if len(mine):
+            for part in iter_activations(
+                model,
+                texts[mine.start : mine.stop] if spread else texts,
+                names,
+                positions=positions,
+                drop_special=drop_special,
+                batch_size=batch_size,
+                dtype=dt,
+                max_length=max_length,
+                truncate=truncate,
+                progress=progress and is_main(),
+                max_batch_tokens=max_batch_tokens,
+            ):
+                if mine.start:
+                    part["text_index"] = part["text_index"] + mine.start
+                d_of = {h: list(a.shape[1:]) for h, a in part["acts"].items()}
+                flat = {f"acts/{h}": a for h, a in part["acts"].items()} | {k: part[k] for k in INDEX_KEYS}
+                for full in buffer.add(flat):
+                    write(full)
         if buffer.n:
             write(buffer.filled())
+        return {"shards": shards, "shape": d_of}
+
+    def finish(stage: Path, records: list[dict]) -> None:
+        with open(stage / "texts.jsonl", "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps(t) + "\n")
+        shards = [s for r in records for s in r["shards"]]
         manifest = {
             "format": FORMAT,
             **model_meta(model),
             "hooks": names,
-            "shape": d_of,
+            "shape": next((r["shape"] for r in records if r["shape"]), {}),
             "dtype": str(dt).removeprefix("torch."),
             "positions": describe(positions),
             "drop_special": drop_special,
@@ -205,12 +368,11 @@ def cache_to_disk(
             "n_rows": sum(s["rows"] for s in shards),
             "shards": shards,
         }
+        if spread:
+            manifest["ranks"] = len(records)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(stage, folder)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # only left if we failed before the rename
+
+    write_staged(folder, overwrite, work, finish, distributed=distributed)
     return ShardedActivations(folder)
 
 

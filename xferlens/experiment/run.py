@@ -18,6 +18,16 @@ Steps (each writes its results, then is marked done in ``status.json``):
 ``"complete": false`` and a rerun continues from the first step not done. A run folder
 belongs to one spec: running another spec into it is refused, and ``overwrite`` only ever
 replaces a folder that is recognisably a run folder (it has ``status.json``).
+
+Under torchrun (``torchrun --nproc-per-node N -m xferlens.cli run spec.yaml``; a process group
+of several ranks, see :mod:`xferlens.distributed`) every rank runs this function on a
+shared filesystem. The ``mappers`` step is data-parallel: each rank pairs its share of the
+texts into shards (``mappers/pairs``, removed once the maps are fitted) and the fits
+all-reduce their moments (the autoencoder trains under DistributedDataParallel). The other
+steps run on rank 0 while the other ranks wait. Only rank 0 writes ``status.json``, the
+step records and ``report.md``; whether a step is done is rank 0's decision, so resuming
+recomputes nothing on any rank. A step that fails on any rank fails on every rank, and
+the step stays not done.
 """
 
 import dataclasses
@@ -33,11 +43,14 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
+from xferlens import distributed as xd
 from xferlens.experiment.spec import ExperimentSpec, SpecError, save_spec, validate
 
 logger = logging.getLogger(__name__)
 
 STEPS = ("layers", "mappers", "report_cards", "vectors", "scores", "confirmation")
+#: steps whose work is split over the ranks under torchrun (the others run on rank 0)
+SPLIT_STEPS = ("mappers",)
 
 # slices of the default corpus each use draws from, kept apart so nothing is scored on
 # the text it was fitted on
@@ -117,6 +130,23 @@ class _Folder:
         self.status["seconds"][step] = round(seconds, 1)
         self.status["complete"] = all(s in self.status["done"] for s in STEPS)
         self._save()
+
+    @classmethod
+    def shared(cls, folder: Path, spec: ExperimentSpec, overwrite: bool) -> "_Folder":
+        """The run folder of a job of several ranks: rank 0 opens (or makes) it and every
+        rank gets its status; the other ranks never write to it."""
+        fs, err = None, None
+        if xd.is_main():
+            try:
+                fs = cls(folder, spec, overwrite)
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                err = e
+        xd.agree(err, f"opening the run folder {folder}")
+        status = xd.broadcast_object(fs.status if fs is not None else None)
+        if fs is None:
+            fs = cls.__new__(cls)
+            fs.path, fs.status = folder, status
+        return fs
 
 
 class _Models:
@@ -230,29 +260,48 @@ def run_experiment(
     validate(spec)
     mdl = _Models(spec, models)  # checks given models' depths before anything is written
     folder = Path(folder) if folder is not None else Path("runs") / spec.name
-    fs = _Folder(folder, spec, overwrite)
+    spread = xd.active()  # under torchrun: every rank runs this, on a shared filesystem
+    fs = _Folder.shared(folder, spec, overwrite) if spread else _Folder(folder, spec, overwrite)
     run = Run(folder, spec)
     t_start = time.perf_counter()
-    say = log or (lambda s: None)
+    say = (log if xd.is_main() else None) or (lambda s: None)
+    progress = progress and xd.is_main()
     torch.manual_seed(spec.seed)
     sets = _prompt_sets(spec)
     held_out = set(sets["eval"])
 
     for step in STEPS:
-        if fs.done(step):
+        done = xd.broadcast_object(fs.done(step)) if spread else fs.done(step)  # rank 0 decides
+        if done:
             run.results[step] = fs.load(step)
             say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: done earlier ({folder / step}.json)")
             continue
         say(f"[{time.perf_counter() - t_start:7.1f}s] {step} ...")
         t0 = time.perf_counter()
-        record = STEP_FUNCS[step](spec, fs.path, mdl, run.results, sets, held_out, progress)
-        fs.finish(step, record, time.perf_counter() - t0)
+        if not spread:
+            record = STEP_FUNCS[step](spec, fs.path, mdl, run.results, sets, held_out, progress)
+            fs.finish(step, record, time.perf_counter() - t0)
+        else:  # split steps on every rank, the others on rank 0; rank 0 records
+            err = None
+            if step in SPLIT_STEPS or xd.is_main():
+                try:
+                    record = STEP_FUNCS[step](spec, fs.path, mdl, run.results, sets, held_out, progress)
+                    if xd.is_main():
+                        fs.finish(step, record, time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - agreed on below
+                    err = e
+            xd.agree(err, f"step {step}")
         run.results[step] = fs.load(step)  # as a rerun will read it (JSON: tuples become lists)
         say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: {time.perf_counter() - t0:.1f}s")
-    run.seconds = dict(fs.status["seconds"])
+    run.seconds = dict(xd.broadcast_object(fs.status["seconds"]) if spread else fs.status["seconds"])
     from xferlens.experiment.report import write_report
 
-    write_report(run)
+    if spread:
+        with xd.collectively("writing the report"):
+            if xd.is_main():
+                write_report(run)
+    else:
+        write_report(run)
     say(f"report: {folder / 'report.md'}")
     return run
 
@@ -305,7 +354,11 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.activations import paired_activations, positions
     from xferlens.mappers import MAPPERS, fit_mapper
 
-    src, tgt = mdl.get()
+    if xd.active():  # every rank loads its copy; a failure on one fails all
+        with xd.collectively("loading the models"):
+            src, tgt = mdl.get()
+    else:
+        src, tgt = mdl.get()
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
     if spec.mapper.fit_on == "last":
         fmt = tgt if spec.mapper.fit_format == "target" else src
@@ -315,6 +368,8 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
         texts += _chat(src, spec, sets["positive"] + sets["negative"])
         where = positions.content()
+    if xd.active():
+        return _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress)
     pairs = paired_activations(src, tgt, texts, ls, lt, positions=where, progress=progress)
     (folder / "mappers").mkdir(exist_ok=True)
     save_file(
@@ -334,6 +389,45 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         mapper, hist = fit_mapper(pairs, kind, cfg, progress=progress)
         mapper.save(folder / "mappers" / kind)
         out["kinds"][kind] = _history_summary(hist)
+    return out
+
+
+def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress) -> dict:
+    """The ``mappers`` step under torchrun: every rank pairs its share of ``texts`` into
+    shared shards, and the fits all-reduce; rank 0 writes the maps and the source rows."""
+    from safetensors.torch import save_file
+
+    from xferlens.activations.pair_shards import pairs_to_disk
+    from xferlens.mappers import MAPPERS, fit_mapper
+
+    shards = folder / "mappers" / "pairs"
+    pairs = pairs_to_disk(
+        src, tgt, texts, ls, lt, shards, positions=where, dtype="float32", overwrite=True, progress=progress
+    )
+    out = {
+        "rows": len(pairs),
+        "texts": len(texts),
+        "fit_on": spec.mapper.fit_on,
+        "coverage": pairs.coverage,
+        "kinds": {},
+        "ranks": xd.world_size(),
+    }
+    with xd.collectively("saving the source rows"):
+        if xd.is_main():
+            rows = torch.cat([pairs.read_shard(i)["src"] for i in range(len(pairs.meta["shards"]))])
+            save_file({"src": rows.float().contiguous()}, folder / "mappers" / "fit_source_rows.safetensors")
+    for kind in spec.mapper.kinds:
+        cfg = spec.mapper.config.get(kind, {})
+        if "seed" in {f.name for f in dataclasses.fields(MAPPERS[kind].config_class)}:
+            cfg = {"seed": spec.seed, **cfg}
+        mapper, hist = fit_mapper(pairs, kind, cfg, progress=progress)
+        with xd.collectively(f"saving the {kind} mapper"):
+            if xd.is_main():
+                mapper.save(folder / "mappers" / kind)
+        out["kinds"][kind] = _history_summary({k: v for k, v in hist.items() if k != "ranks"})
+    with xd.collectively("removing the pair shards"):
+        if xd.is_main():
+            shutil.rmtree(shards)
     return out
 
 

@@ -7,6 +7,12 @@ the same at any activation scale; the intercept is never penalised. With
 ``ridge=None`` the value is chosen from ``ridge_grid`` by validation MSE — computed from
 the validation rows' own moments, so every candidate costs one linear solve and no
 further pass over the data.
+
+Data-parallel (``distributed=True``), the training and validation moments are both
+all-reduced, so every rank holds the moments of all the rows; the ridge candidates (one
+solve each, the bulk of the work once the moments are in) are shared out over the ranks
+and their figures gathered, so every rank picks the same ridge as one process would and
+solves for it.
 """
 
 import time
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from xferlens.distributed import all_gather_objects, collectively, is_main, shard_indices
 from xferlens.mappers.base import Mapper, MapperConfig, PairSource, register
 from xferlens.mappers.moments import Moments
 
@@ -44,19 +51,35 @@ def ridge_solution(m: Moments, ridge: float) -> tuple[Tensor, Tensor]:
     return w, b
 
 
-def choose_ridge(train: Moments, val: Moments, grid) -> tuple[float, list[dict]]:
-    """The grid value with the lowest validation MSE, and every candidate's figures."""
-    rows = []
-    for r in grid:
-        w, b = ridge_solution(train, float(r))
-        rows.append(
-            {
-                "ridge": float(r),
-                "train_mse": train.sse(w, b) / (train.n * w.shape[1]),
-                "val_mse": val.sse(w, b) / (val.n * w.shape[1]),
-                "val_fvu": val.sse(w, b) / max(val.sst(), 1e-30),
-            }
-        )
+def _candidate(train: Moments, val: Moments, ridge: float) -> dict:
+    w, b = ridge_solution(train, ridge)
+    val_sse = val.sse(w, b)
+    return {
+        "ridge": ridge,
+        "train_mse": train.sse(w, b) / (train.n * w.shape[1]),
+        "val_mse": val_sse / (val.n * w.shape[1]),
+        "val_fvu": val_sse / max(val.sst(), 1e-30),
+    }
+
+
+def choose_ridge(
+    train: Moments, val: Moments, grid, *, distributed: bool = False
+) -> tuple[float, list[dict]]:
+    """The grid value with the lowest validation MSE, and every candidate's figures.
+
+    ``distributed=True`` (every rank holding the same all-reduced moments; call it on
+    every rank): each rank solves every ``world``-th candidate and all get every figure.
+    """
+    grid = [float(r) for r in grid]
+    if not distributed:
+        rows = [_candidate(train, val, r) for r in grid]
+    else:
+        mine: dict[int, dict] = {}
+        with collectively("ridge candidates"):
+            for i in shard_indices(len(grid), strided=True):
+                mine[i] = _candidate(train, val, grid[i])
+        found = {i: row for part in all_gather_objects(mine) for i, row in part.items()}
+        rows = [found[i] for i in range(len(grid))]
     best = min(rows, key=lambda r: r["val_mse"])
     return best["ridge"], rows
 
@@ -83,17 +106,36 @@ class AffineMapper(Mapper):
         return self
 
     @classmethod
-    def fit(cls, train: PairSource, val: PairSource | None, config: AffineConfig, *, progress: bool = True):
+    def fit(
+        cls,
+        train: PairSource,
+        val: PairSource | None,
+        config: AffineConfig,
+        *,
+        progress: bool = True,
+        distributed: bool = False,
+    ):
+        """``distributed=True``: ``train``/``val`` are this rank's parts (see ``fit_mapper``)."""
         t0 = time.perf_counter()
-        m = Moments.of(train, batch_size=config.batch_size, progress=progress, desc="affine: X^T X")
+        m = Moments.of(
+            train,
+            batch_size=config.batch_size,
+            progress=progress and is_main(),
+            desc="affine: X^T X",
+            distributed=distributed,
+        )
         records: list[dict] = []
         ridge = config.ridge
         if val is not None:
             mv = Moments.of(
-                val, batch_size=config.batch_size, shift=(m.shift_x, m.shift_y), desc="validation"
+                val,
+                batch_size=config.batch_size,
+                shift=(m.shift_x, m.shift_y),
+                desc="validation",
+                distributed=distributed,
             )
             if ridge is None:
-                ridge, records = choose_ridge(m, mv, config.ridge_grid)
+                ridge, records = choose_ridge(m, mv, config.ridge_grid, distributed=distributed)
             else:
                 _, records = choose_ridge(m, mv, [ridge])
         elif ridge is None:
@@ -103,7 +145,7 @@ class AffineMapper(Mapper):
         history = {
             "kind": cls.kind,
             "train_rows": m.n,
-            "val_rows": None if val is None else len(val),
+            "val_rows": None if val is None else mv.n if distributed else len(val),
             "ridge": float(ridge),
             "train_mse": m.sse(w, b) / (m.n * w.shape[1]),
             "candidates": records,

@@ -11,9 +11,18 @@ ridge solution, with the ReLU branch's output layer starting at zero: training s
 from the affine map and can only move away from it where validation MSE improves, so the
 autoencoder is never worse than ``affine`` on held-out rows. ``affine_skip=False`` is the
 paper's network exactly (its recipe: lr 1e-4, batch 16, ~3 epochs).
+
+Data-parallel (``distributed=True``, see ``fit_mapper``): the statistics and the affine
+start are all-reduced like the affine fit's; training runs under
+``DistributedDataParallel`` with ``batch_size // world`` rows per rank per step (the same
+global batch and steps per epoch as one process), every rank taking the same number of
+steps per epoch (a rank with fewer rows cycles through its rows again); validation sums
+are all-reduced, so every rank makes the same early-stopping decision and ends with the
+same weights.
 """
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -21,8 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from xferlens.distributed import all_reduce_scalars, is_main, world_size
 from xferlens.mappers.affine import DEFAULT_GRID, choose_ridge, ridge_solution
 from xferlens.mappers.base import Mapper, MapperConfig, PairSource, register
 from xferlens.mappers.moments import Moments
@@ -88,23 +99,31 @@ class AutoencoderMapper(Mapper):
 
     @classmethod
     def fit(
-        cls, train: PairSource, val: PairSource | None, config: AutoencoderConfig, *, progress: bool = True
+        cls,
+        train: PairSource,
+        val: PairSource | None,
+        config: AutoencoderConfig,
+        *,
+        progress: bool = True,
+        distributed: bool = False,
     ):
+        """``distributed=True``: ``train``/``val`` are this rank's parts (see ``fit_mapper``)."""
         if val is None:
             raise ValueError("the autoencoder needs validation rows for early stopping: pass val pairs")
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
-        m = Moments.of(train, progress=progress, desc="autoencoder: statistics")
-        mv = Moments.of(val, shift=(m.shift_x, m.shift_y))
+        progress = progress and is_main()
+        m = Moments.of(train, progress=progress, desc="autoencoder: statistics", distributed=distributed)
+        mv = Moments.of(val, shift=(m.shift_x, m.shift_y), distributed=distributed)
         mapper = cls(m.shift_x.numel(), m.shift_y.numel(), config)
         w = b = None
         init: dict = {}
         if config.affine_skip:
-            ridge, cands = choose_ridge(m, mv, config.ridge_grid)
+            ridge, cands = choose_ridge(m, mv, config.ridge_grid, distributed=distributed)
             w, b = ridge_solution(m, ridge)
             init = {"ridge": ridge, "affine_val_mse": min(c["val_mse"] for c in cands)}
         mapper._init_from(m, w, b)
-        history = _train(mapper, train, val, config, progress=progress)
+        history = _train(mapper, train, val, config, progress=progress, distributed=distributed)
         history.update(
             init,
             kind=cls.kind,
@@ -116,9 +135,20 @@ class AutoencoderMapper(Mapper):
         return mapper, history
 
 
-def validation_mse(mapper: Mapper, val: PairSource, batch_size: int = 4096) -> tuple[float, float]:
-    """(MSE per element, mean cosine similarity) of ``mapper`` on every row of ``val``."""
-    sse, cos, n, d = 0.0, 0.0, 0, mapper.d_tgt
+def validation_mse(
+    mapper: Mapper, val: PairSource, batch_size: int = 4096, *, distributed: bool = False
+) -> tuple[float, float]:
+    """(MSE per element, mean cosine similarity) of ``mapper`` on every row of ``val``
+    (``distributed=True``: of every rank's ``val`` together; call it on every rank)."""
+    if distributed:
+        sse, cos, n = all_reduce_scalars(list(_validation_sums(mapper, val, batch_size)))
+        return sse / (max(n, 1) * mapper.d_tgt), cos / max(n, 1)
+    sse, cos, n = _validation_sums(mapper, val, batch_size)
+    return sse / (n * mapper.d_tgt), cos / n
+
+
+def _validation_sums(mapper: Mapper, val: PairSource, batch_size: int) -> tuple[float, float, int]:
+    sse, cos, n = 0.0, 0.0, 0
     with torch.no_grad():
         for x, y in val.batches(batch_size):
             y = y.float()
@@ -126,17 +156,75 @@ def validation_mse(mapper: Mapper, val: PairSource, batch_size: int = 4096) -> t
             sse += float(((pred - y) ** 2).sum())
             cos += float(F.cosine_similarity(pred, y, dim=-1).sum())
             n += x.shape[0]
-    return sse / (n * d), cos / n
+    return sse, cos, n
+
+
+class _Normalized(nn.Module):
+    """The mapper's normalised map as a module's ``forward``, for DistributedDataParallel."""
+
+    def __init__(self, mapper: AutoencoderMapper):
+        super().__init__()
+        self.mapper = mapper
+
+    def forward(self, xn: Tensor) -> Tensor:
+        return self.mapper._map_normalized(xn)
+
+
+#: the buffers (means, scales) are equal on every rank already (from all-reduced moments):
+#: no need to send them at every step (the keyword was renamed in newer torch)
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _cycled(source: PairSource, batch_size: int, steps: int, seed: int):
+    """Exactly ``steps`` shuffled batches, starting over (reshuffled) when ``source`` ends."""
+    taken, round_ = 0, 0
+    while taken < steps:
+        for batch in source.batches(batch_size, shuffle=True, seed=seed + 7919 * round_):
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+        round_ += 1
 
 
 def _train(
-    mapper: AutoencoderMapper, train: PairSource, val: PairSource, cfg: AutoencoderConfig, *, progress: bool
+    mapper: AutoencoderMapper,
+    train: PairSource,
+    val: PairSource,
+    cfg: AutoencoderConfig,
+    *,
+    progress: bool,
+    distributed: bool = False,
 ) -> dict:
     opt = torch.optim.AdamW(mapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    forward = mapper._map_normalized
+    if distributed:
+        batch_size = max(1, cfg.batch_size // world_size())
+        local_steps = math.ceil(len(train) / batch_size)
+        most, minus_fewest = all_reduce_scalars([local_steps, -local_steps], op="max")
+        if minus_fewest == 0:
+            raise ValueError(
+                f"a rank has no training rows ({world_size()} ranks share {most:.0f} steps at most): "
+                "use more texts or fewer ranks"
+            )
+        steps_per_epoch = int(most)
+        forward = DistributedDataParallel(_Normalized(mapper), **_NO_BUFFER_SYNC)
+
+        def epoch_batches(epoch: int):
+            return _cycled(train, batch_size, steps_per_epoch, cfg.seed * 1000 + epoch)
+    else:
+        steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+
+        def epoch_batches(epoch: int):
+            return train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
+
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     t0 = time.perf_counter()
-    best_mse, best_cos = validation_mse(mapper, val)
+    best_mse, best_cos = validation_mse(mapper, val, distributed=distributed)
     best_state = copy.deepcopy(mapper.state_dict())
     records = [
         {"epoch": 0, "step": 0, "seconds": 0.0, "train_loss": None, "val_mse": best_mse, "val_cos": best_cos}
@@ -146,11 +234,11 @@ def _train(
     running = []
     try:
         for epoch in range(1, cfg.max_epochs + 1):
-            for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
+            for x, y in epoch_batches(epoch):
                 x, y = x.float(), y.float()
                 xn = (x - mapper.mean_src) / mapper.scale_src
                 yn = (y - mapper.mean_tgt) / mapper.scale_tgt
-                pred_n = mapper._map_normalized(xn)
+                pred_n = forward(xn)
                 loss = F.mse_loss(pred_n, yn) * mapper.d_tgt  # per row, in units of the target variance
                 if cfg.cosine_weight:
                     pred = mapper.mean_tgt + mapper.scale_tgt * pred_n
@@ -162,13 +250,19 @@ def _train(
                 step += 1
                 bar.update(1)
                 if step % eval_every == 0:
-                    mse, cos = validation_mse(mapper, val)
+                    mse, cos = validation_mse(mapper, val, distributed=distributed)
+                    train_loss = sum(running) / len(running)
+                    if distributed:  # every rank records the mean over ranks and stops together
+                        loss_sum, loss_n, late = all_reduce_scalars(
+                            [sum(running), len(running), float(_out_of_time(cfg, t0))]
+                        )
+                        train_loss = loss_sum / loss_n
                     records.append(
                         {
                             "epoch": epoch,
                             "step": step,
                             "seconds": time.perf_counter() - t0,
-                            "train_loss": sum(running) / len(running),
+                            "train_loss": train_loss,
                             "val_mse": mse,
                             "val_cos": cos,
                         }
@@ -183,7 +277,7 @@ def _train(
                     if bad >= cfg.patience:
                         stop_reason = "early_stopping"
                         break
-                    if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+                    if (late > 0) if distributed else _out_of_time(cfg, t0):
                         stop_reason = "max_seconds"
                         break
             if stop_reason != "max_epochs":
@@ -199,3 +293,7 @@ def _train(
         "steps": step,
         "train_seconds": time.perf_counter() - t0,
     }
+
+
+def _out_of_time(cfg: AutoencoderConfig, t0: float) -> bool:
+    return cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds

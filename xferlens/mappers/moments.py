@@ -6,14 +6,21 @@ least-squares, ridge or Procrustes fit needs, whatever the number of rows. Rows 
 shifted by a fixed offset (the first batch's mean) before accumulating, which keeps the
 centred moments accurate when activations have large means. The same pass checks every
 row for NaN/inf, so bad data is named before any training starts.
+
+Data-parallel (``distributed=True`` under a process group of several ranks), each rank
+accumulates its own rows with a shift common to all ranks (the mean of every rank's
+first batch) and the sums are all-reduced in float64, so every rank holds the moments of
+all rows: the same fit as one process on all the data, up to float64 rounding.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from xferlens.distributed import all_reduce_, collectively
 from xferlens.mappers.base import NonFiniteError, PairSource
 
 
@@ -77,8 +84,15 @@ class Moments:
         shift: tuple[Tensor, Tensor] | None = None,
         progress: bool = False,
         desc: str = "moments",
+        distributed: bool = False,
     ) -> "Moments":
-        """Accumulate over every row of ``source`` (shifted by ``shift``, else the first batch's mean)."""
+        """Accumulate over every row of ``source`` (shifted by ``shift``, else the first batch's mean).
+
+        ``distributed=True``: ``source`` is this rank's part; every rank must call it, and
+        every rank gets the moments of all ranks' rows.
+        """
+        if distributed:
+            return cls._of_distributed(source, batch_size, shift, progress, desc)
         m: Moments | None = None
         with tqdm(total=len(source), unit="row", desc=desc, disable=not progress) as bar:
             for x, y in source.batches(batch_size):
@@ -90,6 +104,40 @@ class Moments:
         if m is None or m.n == 0:
             raise ValueError("no paired rows to fit: the pair source is empty")
         return m
+
+    @classmethod
+    def _of_distributed(
+        cls, source: PairSource, batch_size: int, shift, progress: bool, desc: str
+    ) -> "Moments":
+        with collectively(desc):
+            it = iter(source.batches(batch_size))
+            first = next(it, None)
+        if shift is None:  # one shift for every rank: the mean of all ranks' first batches
+            dx = source.d_src
+            acc = torch.zeros(dx + source.d_tgt + 1, dtype=torch.float64)
+            if first is not None:
+                acc[:dx] = first[0].double().sum(0)
+                acc[dx:-1] = first[1].double().sum(0)
+                acc[-1] = first[0].shape[0]
+            all_reduce_(acc)
+            count = max(float(acc[-1]), 1.0)
+            shift = (acc[:dx] / count, acc[dx:-1] / count)
+        m = cls.empty(*shift)
+        with collectively(desc), tqdm(total=len(source), unit="row", desc=desc, disable=not progress) as bar:
+            for x, y in itertools.chain([first], it) if first is not None else ():
+                m.add(x, y)
+                bar.update(x.shape[0])
+        m.all_reduce()
+        if m.n == 0:
+            raise ValueError("no paired rows to fit: the pair source is empty on every rank")
+        return m
+
+    def all_reduce(self) -> "Moments":
+        """Sum these moments with every other rank's, in place (same shift on every rank)."""
+        scalars = torch.tensor([float(self.n), self.yy], dtype=torch.float64)
+        all_reduce_(scalars, self.sx, self.sy, self.xx, self.xy)
+        self.n, self.yy = int(scalars[0]), float(scalars[1])
+        return self
 
     # centred statistics (per row), in float64
     @property

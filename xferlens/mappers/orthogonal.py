@@ -9,6 +9,9 @@ It is exactly what ``scipy.linalg.orthogonal_procrustes`` returns on the two mat
 zero-padded to the same width, cut back to ``d_src x d_tgt``: a map to a wider model is an
 isometric embedding of the source space; a map to a narrower one keeps the ``d_tgt``
 source directions that best match the target and drops the rest.
+
+Data-parallel (``distributed=True``), the moments are all-reduced, so every rank computes
+the same SVD as one process on all the rows.
 """
 
 import time
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from xferlens.distributed import is_main
 from xferlens.mappers.base import Mapper, MapperConfig, PairSource, register
 from xferlens.mappers.moments import Moments
 
@@ -47,10 +51,23 @@ class OrthogonalMapper(Mapper):
 
     @classmethod
     def fit(
-        cls, train: PairSource, val: PairSource | None, config: OrthogonalConfig, *, progress: bool = True
+        cls,
+        train: PairSource,
+        val: PairSource | None,
+        config: OrthogonalConfig,
+        *,
+        progress: bool = True,
+        distributed: bool = False,
     ):
+        """``distributed=True``: ``train``/``val`` are this rank's parts (see ``fit_mapper``)."""
         t0 = time.perf_counter()
-        m = Moments.of(train, batch_size=config.batch_size, progress=progress, desc="procrustes: X^T Y")
+        m = Moments.of(
+            train,
+            batch_size=config.batch_size,
+            progress=progress and is_main(),
+            desc="procrustes: X^T Y",
+            distributed=distributed,
+        )
         u, s, vh = torch.linalg.svd(m.cov_xy, full_matrices=False)
         r = u @ vh
         scale = s.sum() / torch.trace(m.cov_xx) if config.scale else torch.tensor(1.0, dtype=torch.float64)
@@ -68,7 +85,9 @@ class OrthogonalMapper(Mapper):
             "seconds": time.perf_counter() - t0,
         }
         if val is not None:
-            mv = Moments.of(val, batch_size=config.batch_size, shift=(m.shift_x, m.shift_y))
+            mv = Moments.of(
+                val, batch_size=config.batch_size, shift=(m.shift_x, m.shift_y), distributed=distributed
+            )
             history["val_rows"] = mv.n
             history["val_mse"] = mv.sse(w, b) / (mv.n * m.shift_y.numel())
         return mapper, history

@@ -1,0 +1,164 @@
+"""Jobs the 2-rank tests start under torchrun (gloo on CPU, tiny models).
+
+``torchrun --standalone --nproc-per-node 2 -m tests.helpers.dist_workers JOB ARGS.json``
+
+``ARGS.json`` holds the tiny models' folders, the texts and an output folder. Every rank
+writes ``rank<r>.json`` (what it saw) into the output folder; rank 0 also saves the fitted
+maps' tensors, so the test (one process) compares them with its own single-process fit.
+
+Jobs:
+
+``fit``    cache activations and pairs to shards (each rank its share of the texts), fit
+           affine, orthogonal and autoencoder maps from the pair shards (moments all-reduced,
+           the autoencoder under DistributedDataParallel); then run the experiment spec
+           ``args["spec"]`` with the CLI (``xferlens run``) into ``run/``, and again (it
+           must resume with nothing left to compute); then cache again into ``failed/``,
+           where rank 1 raises in the middle of its share (one launch tests all of it:
+           starting torchrun costs more than any one part)
+``crash``  cache into ``failed/``, but rank 1 dies outright (``os._exit``), as a killed
+           process would
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+#: hooks / layers used by every job (the tiny models have 3 layers)
+HOOKS = [1, 2]
+SRC_LAYER, TGT_LAYER = 1, 2
+FIT_KINDS = ("affine", "orthogonal", "autoencoder")
+#: small and fast: a couple of epochs at most, a fixed ridge grid
+FIT_CONFIGS = {
+    "affine": {},
+    "orthogonal": {},
+    "autoencoder": {"hidden": 16, "max_epochs": 2, "batch_size": 32, "seed": 0},
+}
+
+
+def load_pair(args: dict):
+    from xferlens import load_model
+
+    kw = dict(device="cpu", progress=False, cache=False)
+    return load_model(args["src"], **kw), load_model(args["tgt"], **kw)
+
+
+def cache_and_pair(args: dict, src, tgt, out: Path):
+    from xferlens.activations import cache_to_disk
+    from xferlens.activations.pair_shards import pairs_to_disk
+
+    texts = args["texts"]
+    acts = cache_to_disk(
+        src, texts, out / "acts", HOOKS, shard_rows=args["shard_rows"], dtype="float32",
+        batch_size=1, progress=False,
+    )  # fmt: skip
+    pairs = pairs_to_disk(
+        src, tgt, texts, SRC_LAYER, TGT_LAYER, out / "pairs", dtype="float32",
+        chunk_texts=args["chunk_texts"], shard_rows=args["shard_rows"], batch_size=1, progress=False,
+    )  # fmt: skip
+    return acts, pairs
+
+
+def digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def job_fit(args: dict) -> None:
+    from safetensors.torch import save_file
+
+    from xferlens import distributed as xd
+    from xferlens.mappers import fit_mapper
+
+    out = Path(args["out"])
+    src, tgt = load_pair(args)
+    acts, pairs = cache_and_pair(args, src, tgt, out)
+    seen: dict = {
+        "rank": xd.rank(),
+        "world": xd.world_size(),
+        "acts_rows": len(acts),
+        "pair_rows": len(pairs),
+    }
+    for kind in FIT_KINDS:
+        mapper, hist = fit_mapper(pairs, kind, FIT_CONFIGS[kind], progress=False)
+        state = {k: v.detach().cpu().contiguous() for k, v in mapper.state_dict().items()}
+        seen[kind] = {
+            "digest": digest(state),
+            "history": {k: v for k, v in hist.items() if isinstance(v, int | float | str) or v is None},
+            "training": {
+                k: v for k, v in mapper.meta["training"].items() if k.endswith(("_norm", "_spread"))
+            },
+        }
+        if xd.is_main():
+            save_file(state, out / f"{kind}.safetensors")
+    if args.get("spec"):
+        seen["runner"] = run_spec(args, out / "run")
+    (out / f"rank{xd.rank()}.json").write_text(json.dumps(seen))
+    fail_on_rank_1(args, src, tgt, crash=False)
+
+
+def run_spec(args: dict, folder: Path) -> dict:
+    """``xferlens run spec.yaml`` on every rank, then once more: the rerun must find every
+    step done and compute nothing on any rank (the step functions are replaced by ones
+    that raise)."""
+    from xferlens import cli, load_model
+    from xferlens import distributed as xd
+    from xferlens.experiment import run as run_mod
+
+    if xd.is_main():  # fill the model cache first, so ranks never convert into it at once
+        for name in (args["src"], args["tgt"]):
+            load_model(name, device="cpu", progress=False)
+    xd.barrier()
+    argv = ["run", args["spec"], "--out", str(folder), "--no-progress", "--device", "cpu"]
+    first = cli.main(argv)
+
+    def recomputed(*a, **kw):
+        raise AssertionError("a finished step was computed again")
+
+    run_mod.STEP_FUNCS = dict.fromkeys(run_mod.STEP_FUNCS, recomputed)
+    return {"first_rc": first, "rerun_rc": cli.main(argv)}
+
+
+def fail_on_rank_1(args: dict, src, tgt, *, crash: bool) -> None:
+    import xferlens.activations.shards as shards
+    from xferlens import distributed as xd
+
+    if xd.rank() == 1:
+        real = shards.iter_activations
+
+        def broken(*a, **kw):
+            for i, part in enumerate(real(*a, **kw)):
+                if i == 1:
+                    if crash:
+                        os._exit(3)
+                    raise RuntimeError("boom: rank 1 lost its disk")
+                yield part
+
+        shards.iter_activations = broken
+    cache_and_pair(args, src, tgt, Path(args["out"]) / "failed")
+
+
+def job_crash(args: dict) -> None:
+    fail_on_rank_1(args, *load_pair(args), crash=True)
+
+
+JOBS = {"fit": job_fit, "crash": job_crash}
+
+
+def main() -> None:
+    from xferlens import distributed as xd
+
+    torch.set_num_threads(1)
+    job, path = sys.argv[1], sys.argv[2]
+    args = json.loads(Path(path).read_text())
+    xd.run(JOBS[job], args, device="cpu", timeout_s=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Data parallelism: 2 gloo ranks on CPU under torchrun, against one process.
+
+Starting torchrun (two fresh interpreters importing torch and TransformerLens) costs more
+than the work, so one launch runs the whole ``fit`` job (caching, pairing, three fits, a
+tiny experiment spec through ``xferlens run`` and its resume, then a caching where rank 1
+raises) and the tests below read what it left; a second launch has rank 1 die outright.
+The single-process references are computed here, in the test process. Activations are
+cached one text per forward pass (``batch_size=1``), so no padding differs between a
+rank's share and the whole and the rows must be equal bit for bit.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import dist_workers as W
+from tests.unit.test_experiment import tiny_spec
+from xferlens import cli
+from xferlens import distributed as xd
+from xferlens.activations import ShardedActivations
+from xferlens.activations.pair_shards import PairShards
+from xferlens.experiment import save_spec, spec_from_dict
+from xferlens.mappers import fit_mapper
+from xferlens.mappers.fit import rank_part
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = [f"the cat {i} sat on the {'big ' * (i % 5)}hat" for i in range(22)] + ["an apple", "x"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+
+
+def torchrun(job: str, args: dict, folder: Path) -> subprocess.CompletedProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "args.json"
+    path.write_text(json.dumps(args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env["XFERLENS_HOME"] = str(folder / "home")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tests.helpers.dist_workers", job, str(path)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def job_args(tiny_hf_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks")
+    src, tgt = str(tiny_hf_folder("llama")), str(tiny_hf_folder("qwen2"))
+    # maps fitted on every content token (hundreds of rows for 64 dimensions): on fewer
+    # rows than dimensions the orthogonal (Procrustes) map is not unique, and any rounding
+    # (one process or several) picks another of the equally good solutions
+    spec = spec_from_dict(
+        tiny_spec(source={"model": src}, target={"model": tgt}, mapper={"fit_on": "content"})
+    )
+    save_spec(spec, out / "spec.yaml")
+    return {
+        "src": src,
+        "tgt": tgt,
+        "texts": TEXTS,
+        "shard_rows": 40,
+        "chunk_texts": 5,
+        "out": str(out),
+        "spec": str(out / "spec.yaml"),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(job_args):
+    """The ``fit`` job on 2 ranks: (completed process, output folder)."""
+    out = Path(job_args["out"])
+    return torchrun("fit", job_args, out), out
+
+
+@pytest.fixture(scope="module")
+def one_process(job_args, tmp_path_factory):
+    """The same caching, pairing and fits in this one process (no process group)."""
+    assert not xd.is_initialized()
+    out = tmp_path_factory.mktemp("one-process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same reduction order in every matmul
+    try:
+        src, tgt = W.load_pair(job_args)
+        acts, pairs = W.cache_and_pair(job_args, src, tgt, out)
+        maps = {}
+        for kind in ("affine", "orthogonal"):
+            mapper, hist = fit_mapper(pairs, kind, W.FIT_CONFIGS[kind], progress=False)
+            maps[kind] = (mapper, hist)
+    finally:
+        torch.set_num_threads(threads)
+    return acts, pairs, maps
+
+
+def sorted_rows(tensors: dict, keys: list[str]) -> dict:
+    """Rows in a canonical order (by the index keys), so a multiset compares as tensors."""
+    key = torch.zeros(len(tensors[keys[0]]), dtype=torch.int64)
+    for k in keys:
+        key = key * 100_000 + tensors[k].to(torch.int64)
+    order = torch.argsort(key)
+    return {k: v[order] for k, v in tensors.items()}
+
+
+def all_shards(store) -> dict:
+    n = len(store.meta["shards"]) if isinstance(store, PairShards) else len(store.manifest["shards"])
+    parts = [store.read_shard(i) for i in range(n)]  # each checked against its sha256
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_the_two_rank_job_ran(two_ranks):
+    proc, out = two_ranks
+    # the job ends with a caching where rank 1 raises, so it exits non-zero (tested below)
+    seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world"] for s in seen] == [2, 2], proc.stderr[-3000:]
+
+
+def test_union_of_the_ranks_shards_equals_the_single_process_shards(two_ranks, one_process):
+    _, out = two_ranks
+    acts1, pairs1, _ = one_process
+    acts2 = ShardedActivations(out / "acts")  # checks every shard's size and layout
+    m = acts2.manifest
+    assert m["ranks"] == 2 and m["n_rows"] == acts1.manifest["n_rows"]
+    files = [s["file"] for s in m["shards"]]
+    assert any(f.startswith("shard-r000-") for f in files) and any(f.startswith("shard-r001-") for f in files)
+    assert sorted(p.name for p in (out / "acts").glob("shard-*")) == sorted(files)
+    assert acts2.texts() == TEXTS == acts1.texts()  # texts.jsonl matches its sha256
+    keys = ["text_index", "position"]
+    a, b = sorted_rows(all_shards(acts2), keys), sorted_rows(all_shards(acts1), keys)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(acts2.load().text_index, acts1.load().text_index)
+
+    pairs2 = PairShards(out / "pairs")
+    m2, m1 = pairs2.meta, pairs1.meta
+    assert m2["ranks"] == 2 and m2["rows_per_text"] == m1["rows_per_text"]
+    assert m2["texts_fingerprint"] == m1["texts_fingerprint"] and m2["coverage"] == m1["coverage"]
+    keys = ["text_index", "src_position", "tgt_position"]
+    a, b = sorted_rows(all_shards(pairs2), keys), sorted_rows(all_shards(pairs1), keys)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for s in m2["shards"]:  # each shard's recorded text range holds its rows
+        t = pairs2.read_shard(m2["shards"].index(s))["text_index"]
+        assert s["texts"][0] <= int(t.min()) and int(t.max()) < s["texts"][1]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kind", ["affine", "orthogonal"])
+def test_distributed_linear_maps_equal_the_single_process_maps(two_ranks, one_process, kind):
+    _, out = two_ranks
+    mapper, hist = one_process[2][kind]
+    got = load_file(out / f"{kind}.safetensors")
+    want = mapper.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert rel_diff(got[k], want[k]) <= 1e-6, k
+    rec = json.loads((out / "rank0.json").read_text())[kind]
+    for k in ("train_rows", "val_rows", "ridge"):
+        if k in hist:
+            assert rec["history"][k] == hist[k], k
+    assert rec["history"]["ranks"] == 2
+    for k, v in rec["training"].items():
+        assert v == pytest.approx(mapper.meta["training"][k], rel=1e-9), k
+
+
+def test_every_rank_ends_with_the_same_maps(two_ranks):
+    _, out = two_ranks
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    for kind in W.FIT_KINDS:
+        assert r0[kind]["digest"] == r1[kind]["digest"], kind
+    ae = r0["autoencoder"]["history"]
+    # DDP: one early-stopping decision; starts from the affine map, so never worse on val
+    assert ae["ranks"] == 2 and ae["steps"] > 0
+    assert ae["best_val_mse"] <= ae["affine_val_mse"] * (1 + 1e-9)
+
+
+def report_tables(folder: Path) -> list[str]:
+    return [line for line in (folder / "report.md").read_text().splitlines() if line.startswith("|")]
+
+
+def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ranks, job_args, tmp_path):
+    _, out = two_ranks
+    runs = [json.loads((out / f"rank{r}.json").read_text())["runner"] for r in (0, 1)]
+    # both ranks exit 0, and the rerun recomputed no step on any rank
+    assert runs == [{"first_rc": 0, "rerun_rc": 0}] * 2
+    dist = out / "run"
+    assert json.loads((dist / "status.json").read_text())["complete"]
+    assert json.loads((dist / "mappers.json").read_text())["ranks"] == 2
+    assert not (dist / "mappers" / "pairs").exists()  # the pair shards are removed once fitted
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["run", job_args["spec"], "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = tmp_path / "run"
+    assert len(report_tables(one)) > 10
+    assert report_tables(dist) == report_tables(one)
+    assert (dist / "layers.json").read_text() == (one / "layers.json").read_text()  # rank 0 alone
+    # the maps (and all after them) agree to float rounding: the ranks batch other texts together
+    m2, m1 = (json.loads((f / "mappers.json").read_text()) for f in (dist, one))
+    assert (m2["rows"], m2["texts"], m2["coverage"]) == (m1["rows"], m1["texts"], m1["coverage"])
+    for kind, h in m1["kinds"].items():
+        assert m2["kinds"][kind]["val_mse"] == pytest.approx(h["val_mse"], rel=1e-5), kind
+
+
+def test_a_rank_that_raises_fails_the_run_and_leaves_no_manifest(two_ranks):
+    proc, out = two_ranks
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "RuntimeError: boom: rank 1 lost its disk" in log
+    # torchrun names the rank that raised as the root cause, not rank 0's echo of it
+    cause = log.split("Root Cause (first observed failure):")[-1]
+    assert re.search(r"rank\s*:\s*1 ", cause) and "boom: rank 1 lost its disk" in cause
+    assert "failed on rank 1 of 2" in log  # rank 0 says which rank failed
+    assert list((out / "failed").iterdir()) == []  # no folder, no manifest, no staging left
+
+
+def test_a_rank_that_dies_leaves_no_trusted_manifest(job_args, tmp_path):
+    args = {**job_args, "out": str(tmp_path)}
+    proc = torchrun("crash", args, tmp_path)
+    assert proc.returncode != 0
+    cause = (proc.stdout + proc.stderr).split("Root Cause (first observed failure):")[-1]
+    assert re.search(r"rank\s*:\s*1 ", cause) and re.search(r"exitcode\s*:\s*3", cause)
+    failed = tmp_path / "failed"
+    assert not (failed / "acts").exists() and not (failed / "pairs").exists()
+    # rank 0 was stopped in the middle: at most its staging folder is left, never a manifest
+    assert all(p.name.startswith(".acts-partial-") for p in failed.iterdir())
+    assert not list(failed.rglob("manifest.json"))
+
+
+# ------------------------------------------------------------ single process, no launch
+
+
+def test_shard_indices_cover_everything_once():
+    for n in (0, 1, 5, 24):
+        for w in (1, 2, 3, 7):
+            for strided in (False, True):
+                got = [i for r in range(w) for i in xd.shard_indices(n, r, w, strided=strided)]
+                assert sorted(got) == list(range(n))
+            sizes = [len(xd.shard_indices(n, r, w)) for r in range(w)]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        xd.shard_indices(3, 2, 2)
+
+
+def test_rank_parts_split_by_text_and_cover_the_view(one_process):
+    _, pairs, _ = one_process
+    train, val = pairs.split(0.2, seed=0)
+    for view in (train, val, pairs):
+        masks = [rank_part(view, r, 2).text_mask for r in range(2)]
+        want = torch.tensor(pairs.meta["rows_per_text"]) > 0
+        if view.text_mask is not None:
+            want &= view.text_mask
+        assert not (masks[0] & masks[1]).any() and torch.equal(masks[0] | masks[1], want)
+        assert sum(len(rank_part(view, r, 2)) for r in range(2)) == len(view)
+    mem = pairs.load()
+    parts = [rank_part(mem, r, 3) for r in range(3)]
+    assert sum(len(p) for p in parts) == len(mem)
+    ids = [set(p.text_index.tolist()) for p in parts]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+
+
+def test_helpers_are_no_ops_in_a_single_process():
+    assert (xd.rank(), xd.world_size(), xd.is_main(), xd.active()) == (0, 1, True, False)
+    t = torch.ones(3)
+    xd.all_reduce_(t)
+    assert torch.equal(t, torch.ones(3)) and xd.all_gather_objects({"a": 1}) == [{"a": 1}]
+    xd.agree(None, "nothing")
+    with pytest.raises(KeyError):
+        xd.agree(KeyError("mine"), "something")
+    assert xd.backend_for("cpu") == "gloo" and xd.backend_for("cuda") == "cpu:gloo,cuda:nccl"
+    assert xd.balanced_owner(torch.tensor([5, 1, 1, 1, 1, 1]), 2).tolist() == [0, 1, 1, 1, 1, 1]
