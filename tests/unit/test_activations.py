@@ -306,3 +306,22 @@ def test_token_budget_changes_batches_not_activations(tiny, monkeypatch):
     pairs = paired_activations(tiny, tiny, TEXTS, 1, 1, batch_size=4, progress=False, max_batch_tokens=16)
     assert widths and all(b * w <= 16 or b == 1 for b, w in widths)  # passed through to both models
     assert len(pairs) == len(free)
+
+
+def test_overwrite_replaces_only_a_shard_folder(tiny, tmp_path):
+    """Issue 19, finding 1: ``overwrite=True`` on a folder xferlens did not write refuses,
+    naming what is there, and deletes nothing; a shard folder it wrote is replaced."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="thesis.txt"):
+        cache_to_disk(tiny, TEXTS, folder, 1, overwrite=True, progress=False)
+    assert (folder / "thesis.txt").read_text() == "precious"
+    shards = tmp_path / "acts"
+    cache_to_disk(tiny, TEXTS, shards, 1, progress=False)
+    (shards / "notes.md").write_text("mine")  # a shard folder with a user's file in it
+    with pytest.raises(FileExistsError, match="notes.md"):
+        cache_to_disk(tiny, TEXTS, shards, 1, overwrite=True, progress=False)
+    (shards / "notes.md").unlink()
+    store = cache_to_disk(tiny, TEXTS[:2], shards, 1, overwrite=True, progress=False)
+    assert store.load().texts == TEXTS[:2]
