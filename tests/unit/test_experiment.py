@@ -326,3 +326,15 @@ def test_yaml_alias_bombs_and_huge_specs_are_refused_fast(tmp_path):
     path.write_text("name: x\n" + "#" * (2 << 20))
     with pytest.raises(SpecError, match="at most"):
         load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "a, b", [("fit_prompts", "positive"), ("fit_prompts", "eval_prompts"), ("eval_prompts", "negative")]
+)
+def test_overlapping_prompt_sets_are_refused(a, b):
+    """A map fitted (or a vector judged) on the prompts it is tested on measures nothing."""
+    d = tiny_spec()
+    d["vector"][a] = d["vector"][a] + [d["vector"][b][0]]
+    with pytest.raises(SpecError, match=rf"vector\.({a}|{b}) and vector\.({a}|{b}) share 1 prompt"):
+        spec_from_dict(d)
+    spec_from_dict(tiny_spec())  # the disjoint sets pass
