@@ -97,15 +97,32 @@ _DTYPES = {
 # ------------------------------------------------------------------ argument checking
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def native_bfloat16(device: str | torch.device | None = None) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports
+    it, or a CPU with AMX tiles or AVX512-BF16 (elsewhere bfloat16 is emulated on the CPU and
+    slower than float32)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """``None`` is float32; ``"auto"`` is bfloat16 where ``device`` computes it natively
+    (:func:`native_bfloat16`), else float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).removeprefix("torch.").lower()
+    if key == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
     if key not in _DTYPES:
         raise ValueError(
-            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64 (or a torch.dtype)"
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64, auto (or a torch.dtype)"
         )
     return _DTYPES[key]
 
@@ -595,8 +612,9 @@ def load_model(
     Args:
         spec: zoo name, local HF folder, ``.gguf`` file, or TransformerLens official name.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when present, else CPU.
-        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
-            Weight processing always runs in float32 before the cast.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``, ``"auto"`` (bfloat16
+            where the device computes it natively: :func:`native_bfloat16`) or a
+            ``torch.dtype``. Weight processing always runs in float32 before the cast.
         process: ``True`` for TransformerLens's default processing, ``False`` for none, or a
             :class:`Processing` naming each step (see the module docs).
         n_ctx: context length; default the model's, capped at 2048 for local models.
@@ -616,7 +634,7 @@ def load_model(
         (24, 896)
     """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, dev)
     processing = Processing() if process is True else Processing.none() if process is False else process
     source = resolve_source(spec, home=home, pull=pull, progress=progress)
     if source is None:  # TransformerLens official name: its own hub path

@@ -228,6 +228,7 @@ def test_another_spec_into_the_same_folder_is_refused(pair, tmp_path):
             "vector.positive and vector.eval_prompts share",
         ),
         ({"vector": {"twin_prompts": 4}}, "custom task has no second prompt pool"),
+        ({"target": {"model": "x", "dtype": "int8"}}, "target.dtype: 'int8'"),
     ],
 )
 def test_bad_specs_name_the_key(patch, message):
@@ -250,6 +251,21 @@ def test_impossible_layer_fails_before_any_model_is_loaded(tmp_path, monkeypatch
     path.write_text(yaml.safe_dump({**bad, "source": {"model": "qwen2.5-coder-0.5b-instruct", "layr": 3}}))
     with pytest.raises(SpecError, match=f"{path}.*unknown key 'source.layr'"):
         load_spec(path)
+
+
+def test_float32_specs_keep_their_fingerprint_and_dtype_changes_it():
+    """Run folders made before ``dtype`` existed still resume; another dtype is another run."""
+    import dataclasses
+    import hashlib
+
+    spec = spec_from_dict(tiny_spec())
+    d = spec.to_dict()
+    d.pop("device")
+    for role in ("source", "target"):
+        d[role].pop("dtype")
+    assert spec.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    other = dataclasses.replace(spec, target=dataclasses.replace(spec.target, dtype="bfloat16"))
+    assert other.fingerprint() != spec.fingerprint()
 
 
 def test_spec_yaml_round_trip(tmp_path):

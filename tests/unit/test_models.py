@@ -172,6 +172,16 @@ def test_bad_dtype_and_device():
     assert models.resolve_dtype("bf16") == torch.bfloat16
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_does_it(monkeypatch):
+    """``auto``: bfloat16 on a CPU with AMX or AVX512-BF16, float32 on one without."""
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        want = torch.bfloat16 if (amx or avx) else torch.float32
+        assert models.resolve_dtype("auto", "cpu") == want
+        assert models.native_bfloat16("cpu") == (amx or avx)
+
+
 def test_tampered_cached_conversion_is_refused(tiny_hf_folder, tmp_path):
     """A truncated cache file fails loudly instead of loading garbage."""
     from xferlens import paths

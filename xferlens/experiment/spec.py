@@ -43,6 +43,10 @@ class ModelSpec:
     model: str
     #: residual layer (``blocks.{layer}.hook_resid_post``); ``None``: chosen by the layer search
     layer: int | None = None
+    #: weights and activations: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16
+    #: where the device computes it natively -- CUDA, or a CPU with AMX / AVX512-BF16 --
+    #: else float32; see ``xferlens.models.native_bfloat16``)
+    dtype: str = "float32"
 
 
 @dataclass
@@ -160,6 +164,9 @@ class ExperimentSpec:
 
         d = self.to_dict()
         d.pop("device")
+        for role in ("source", "target"):  # float32 specs keep the fingerprint they had before dtype
+            if d[role]["dtype"] == "float32":
+                d[role].pop("dtype")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -322,6 +329,8 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
     for role, m, n in (("source", spec.source, depths[0]), ("target", spec.target, depths[1])):
         if m.layer is not None and n is not None and not 0 <= m.layer < n:
             raise SpecError(f"{role}.layer: {m.layer} is not a layer of {m.model} (valid 0..{n - 1})")
+        if m.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise SpecError(f"{role}.dtype: {m.dtype!r}; valid: 'float32', 'bfloat16', 'float16', 'auto'")
         scored = spec.search.src_layers if role == "source" else spec.search.tgt_layers
         for layer in scored or []:
             if n is not None and not 0 <= layer < n:
@@ -509,8 +518,8 @@ def demo_spec(quick: bool = False) -> ExperimentSpec:
     """
     spec = ExperimentSpec(
         name="demo-quick" if quick else "demo",
-        source=ModelSpec("qwen2.5-coder-0.5b-instruct", layer=None),
-        target=ModelSpec("qwen2.5-coder-1.5b-instruct", layer=None),
+        source=ModelSpec("qwen2.5-coder-0.5b-instruct", layer=None, dtype="auto"),
+        target=ModelSpec("qwen2.5-coder-1.5b-instruct", layer=None, dtype="auto"),
         search=SearchSpec(texts=6, src_layers=list(range(6, 14, 2)), tgt_layers=list(range(6, 18, 2))),
         mapper=MapperSpec(
             kinds=["affine", "orthogonal"], use="affine", fit_prompts=200, report_texts=2, report_prompts=0
