@@ -62,3 +62,38 @@ def test_dose_response_views_and_round_trip():
         DoseResponse(ALPHAS, np.zeros(3), {"x": np.zeros((2, 3))})
     with pytest.raises(KeyError, match="no condition"):
         dr.curve("nope")
+
+
+@pytest.mark.parametrize("c_true", [0.5, 0.8, 1.0, 1.25])
+def test_a_curve_that_peaks_and_falls_is_read_on_its_rising_part(c_true):
+    """Oversteering: the score rises, peaks at alpha 2 and falls. A late low score must not
+    read as a small dose; past a curve's peak the per-alpha dose is undefined (nan)."""
+    rng = np.random.default_rng(1)
+    n = 400
+    base = rng.normal(-4, 1, n)
+    f = lambda a: 6 * (a / 2) * np.exp(1 - a / 2)  # noqa: E731  peak at a = 2
+    nat = np.stack([base + f(a) + rng.normal(0, 0.3, n) for a in ALPHAS])
+    tra = np.stack([base + f(c_true * a) + rng.normal(0, 0.3, n) for a in ALPHAS])
+    dr = DoseResponse(ALPHAS, base, {"native": nat, "transferred": tra})
+    assert dr.peak("native") == 2.0
+    est = dr.equivalent_dose("transferred", n_boot=200)
+    # linear interpolation on a concave curve reads a few hundredths high (0.84 for 0.8)
+    assert est.dose == pytest.approx(c_true, abs=0.07)
+    assert est.ci[0] - 0.06 <= c_true <= est.ci[1] + 0.06
+    own_peak = dr.peak("transferred")
+    for k, a in enumerate(ALPHAS):
+        if a > own_peak:
+            assert np.isnan(est.per_alpha[k]), a
+        elif c_true * a <= 2.0 * 0.8:
+            assert est.per_alpha[k] == pytest.approx(c_true, abs=0.12), a
+    # the old rule (the whole curve, native made monotone) is what this guards against:
+    # the native vector compared with itself still reads 1
+    assert dr.equivalent_dose("native", n_boot=50).dose == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_reference_that_never_rises_gives_no_dose():
+    a = np.array([1.0, 2.0])
+    ref = np.array([[0.0, -1.0, -2.0]])
+    cur = np.array([[0.5, 1.0]])
+    assert np.isnan(equivalent_dose(a, ref, cur)[0])
+    assert np.isnan(dose_at_each_alpha(a, ref, cur)[0]).all()

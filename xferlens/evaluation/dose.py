@@ -10,12 +10,19 @@ Rules:
   own vector) is the scale ``c`` for which ``N x c`` best matches ``T``'s curve: it
   minimises the mean squared difference between ``T``'s mean score at each alpha and
   ``N``'s mean score at ``c * alpha``, read by linear interpolation on ``N``'s measured
-  curve (``0`` is the unsteered point). Points where ``c * alpha`` falls beyond the grid
-  are left out (no extrapolation); ``c`` is searched on ``[0, c_max]``. ``c = 1`` means the
-  vector acts like the native one; a random direction gets ``c`` near 0.
-- The dose **at each alpha** inverts ``N``'s curve (made monotone by a running maximum):
-  the ``c`` with ``N(c * alpha) = T(alpha)``; ``nan`` where ``T(alpha)`` lies above what
-  ``N`` reaches on the grid.
+  curve (``0`` is the unsteered point). ``c`` is searched on ``[0, c_max]``. ``c = 1``
+  means the vector acts like the native one; a random direction gets ``c`` near 0.
+- Only the **rising part** of each curve is used: a score level names one dose only
+  below the curve's peak (past it, oversteering degrades the replies and the score falls
+  again, so a late low score would read as a small dose). ``N`` is read on ``[0, its peak
+  alpha]`` and ``T``'s points count up to ``T``'s own peak; points where ``c * alpha``
+  falls past ``N``'s peak are left out (no extrapolation). Peaks are the argmax of the
+  mean curve, taken again in every bootstrap resample. Near a peak the score is flat in
+  the dose and the reading is weak; linear interpolation on a concave curve reads doses a
+  few hundredths high (tests/unit/test_dose.py measures it on a synthetic peaked curve).
+- The dose **at each alpha** inverts ``N``'s rising part (made monotone by a running
+  maximum): the ``c`` with ``N(c * alpha) = T(alpha)``; ``nan`` where ``T(alpha)`` lies
+  above ``N``'s peak or ``alpha`` lies past ``T``'s own peak.
 """
 
 import math
@@ -64,17 +71,21 @@ def equivalent_dose(
     reference, curve = np.atleast_2d(reference), np.atleast_2d(curve)
     xs = np.concatenate([[0.0], a])
     cs = np.arange(0.0, c_max + step / 2, step)
-    lo, hi, w, valid = _interp_weights(xs, cs[:, None] * a[None, :])  # [C, K]
+    lo, hi, w, _ = _interp_weights(xs, cs[:, None] * a[None, :])  # [C, K]
     pred = reference[:, lo] * (1 - w) + reference[:, hi] * w  # [B, C, K]
     err = (curve[:, None, :] - pred) ** 2
-    err = np.where(valid[None], err, np.nan)
-    need = min(2, len(a))
-    enough = valid.sum(1) >= need
+    ref_top = xs[np.argmax(reference, axis=1)]  # [B] the reference's peak alpha
+    reach = (cs[:, None] * a[None, :])[None] <= ref_top[:, None, None] + 1e-12  # [B, C, K]
+    use = np.arange(len(a))[None, :] <= np.argmax(curve, axis=1)[:, None]  # [B, K] rising part
+    valid = reach & use[:, None, :]
+    need = np.minimum(2, use.sum(1))  # [B]
+    enough = valid.sum(2) >= need[:, None]  # [B, C]
+    err = np.where(valid & enough[:, :, None], err, np.nan)
     with warnings.catch_warnings():  # rows of all-NaN (c too large for the grid) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        loss = np.nanmean(np.where(enough[None, :, None], err, np.nan), axis=2)  # [B, C]
+        loss = np.nanmean(err, axis=2)  # [B, C]
     out = np.full(len(curve), np.nan)
-    ok = ~np.all(np.isnan(loss), axis=1)
+    ok = ~np.all(np.isnan(loss), axis=1) & (ref_top > 0)  # a reference that never rises: no dose
     out[ok] = cs[np.nanargmin(loss[ok], axis=1)]
     return out
 
@@ -88,8 +99,12 @@ def dose_at_each_alpha(
     xs = np.concatenate([[0.0], a])
     out = np.full(curve.shape, np.nan)
     for b in range(len(curve)):
-        ref = np.maximum.accumulate(reference[b])
+        top = int(np.argmax(reference[b]))
+        ref = np.maximum.accumulate(reference[b][: top + 1])
+        own_top = int(np.argmax(curve[b]))
         for k, y in enumerate(curve[b]):
+            if k > own_top:
+                continue  # past the compared curve's own peak
             if y <= ref[0]:
                 out[b, k] = 0.0
             elif y <= ref[-1]:
@@ -172,6 +187,11 @@ class DoseResponse:
             return np.repeat(none[:, None], len(self.alphas) + 1, axis=1)
         rest = self.scores[label][:, idx].mean(2).T  # [B, K]
         return np.concatenate([none[:, None], rest], axis=1)
+
+    def peak(self, label: str) -> float:
+        """The alpha where ``label``'s mean score is highest (0: never above unsteered);
+        doses are read below it (module doc)."""
+        return float(([0.0, *self.alphas])[int(np.argmax(self.curve(label)))])
 
     def intervals(self, label: str, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
         """``[K + 1, 2]`` bootstrap 95 % intervals of the mean score at ``0, *alphas``."""

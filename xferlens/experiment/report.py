@@ -86,6 +86,12 @@ def summary_table(run) -> str:
     return text_table(summary_rows(run))
 
 
+def _peak(sc: dict, label: str) -> str:
+    from xferlens.evaluation.dose import DoseResponse
+
+    return f"{DoseResponse.from_dict(sc['dose_response']).peak(label):g}"
+
+
 def headline(run) -> list[str]:
     """The report's first lines: the dose of each vector with its interval, whether the
     transfer separates from random, and the judged confirmation."""
@@ -241,7 +247,10 @@ def write_report(run) -> Path:
         "### Native-equivalent dose",
         "",
         "The scale c for which the native vector x c best matches each curve (1: acts like native), "
-        "overall and at each alpha, with 95 % bootstrap intervals over prompts.",
+        "overall and at each alpha, with 95 % bootstrap intervals over prompts. Doses are read on "
+        "the rising part of each curve (past its peak, oversteering degrades the replies and the "
+        f"score falls again): native peaks at alpha {_peak(sc, 'native')}; '-' marks an alpha past "
+        "the vector's own peak or above what native reaches.",
         "",
         "| vector | dose | " + " | ".join(f"at alpha {a:g}" for a in sc["dose_response"]["alphas"]) + " |",
         "|---|---|" + "---|" * len(sc["dose_response"]["alphas"]),

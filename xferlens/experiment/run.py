@@ -162,8 +162,9 @@ class _Models:
         if self._pair is None:
             from xferlens.models import load_model
 
-            src = load_model(self.spec.source.model, device=self.spec.device)
-            tgt = load_model(self.spec.target.model, device=self.spec.device)
+            s, t = self.spec.source, self.spec.target
+            src = load_model(s.model, device=self.spec.device, dtype=s.dtype)
+            tgt = load_model(t.model, device=self.spec.device, dtype=t.dtype)
             self._pair = (src, tgt)
             validate(self.spec, (src.cfg.n_layers, tgt.cfg.n_layers))  # hub models: now we know
         return self._pair
@@ -274,6 +275,11 @@ def run_experiment(
         done = xd.broadcast_object(fs.done(step)) if spread else fs.done(step)  # rank 0 decides
         if done:
             run.results[step] = fs.load(step)
+            if step == "scores":
+                from xferlens.evaluation.dose import DoseResponse
+
+                dr = DoseResponse.from_dict(run.results[step]["dose_response"])
+                run.results[step].update(score_summary(spec, dr))
             say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: done earlier ({folder / step}.json)")
             continue
         say(f"[{time.perf_counter() - t_start:7.1f}s] {step} ...")
@@ -565,28 +571,36 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         progress=progress,
     )
     seconds = time.perf_counter() - t0
-    doses = {
-        lab: dr.equivalent_dose(lab, "native", n_boot=e.bootstrap, seed=spec.seed).to_dict()
-        for lab in dr.labels
-        if lab != "native"
-    }
-    separation = {
-        lab: dr.difference(lab, "random", n_boot=e.bootstrap, seed=spec.seed)
-        for lab in dr.labels
-        if lab != "random"
-    }
     fig = dr.plot(n_boot=e.bootstrap, seed=spec.seed)
     fig.savefig(folder / "figures" / "dose_response.png", dpi=110, bbox_inches="tight")
     _close(fig)
     n_cond = 1 + len(dr.labels) * len(dr.alphas)
     return {
         "dose_response": dr.to_dict(),
-        "doses": doses,
-        "minus_random": separation,
+        **score_summary(spec, dr),
         "seconds": seconds,
         "prompt_conditions_per_s": n_cond * dr.n / seconds,
-        "markdown": dr.to_markdown(n_boot=e.bootstrap, seed=spec.seed),
         "prompts": sets["eval"],
+    }
+
+
+def score_summary(spec: ExperimentSpec, dr) -> dict:
+    """What the report reads off the per-prompt scores: each vector's native-equivalent dose,
+    its gap to random per alpha, the dose-response table. Recomputed whenever a finished run
+    is loaded, so a report always follows the current estimators (``xferlens.evaluation.dose``)."""
+    e = spec.evaluation
+    return {
+        "doses": {
+            lab: dr.equivalent_dose(lab, "native", n_boot=e.bootstrap, seed=spec.seed).to_dict()
+            for lab in dr.labels
+            if lab != "native"
+        },
+        "minus_random": {
+            lab: dr.difference(lab, "random", n_boot=e.bootstrap, seed=spec.seed)
+            for lab in dr.labels
+            if lab != "random"
+        },
+        "markdown": dr.to_markdown(n_boot=e.bootstrap, seed=spec.seed),
     }
 
 
