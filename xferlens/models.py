@@ -122,7 +122,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     if key not in _DTYPES:
         raise ValueError(
-            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64, auto (or a torch.dtype)"
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64, auto "
+            "(or a torch.dtype)"
         )
     return _DTYPES[key]
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_steering
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/scripts/: bench_steering
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp's OpenMP threads on a shared CPU
 
@@ -59,7 +59,7 @@ from xferlens.paths import home  # noqa: E402
 from xferlens.steering import SteeringVector, diff_of_means, generate, steer, transfer  # noqa: E402
 
 SRC, TGT = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
-OUT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parents[1] / "results"
 
 
 def corr(x, y) -> dict:
@@ -97,7 +97,7 @@ def main() -> None:
         "--hooked-generate", action="store_true", help="judged rates in the HookedTransformer too"
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tag", default="qwen", help="outputs: benchmarks/llamacpp_{tag}.json / .md")
+    ap.add_argument("--tag", default="qwen", help="outputs: benchmarks/results/llamacpp_{tag}.json / .md")
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.perf_counter()

@@ -417,7 +417,7 @@ def test_transposed_layout_keeps_values_and_makes_the_transpose_free(tiny_tl):
 
 def test_refusal_judge_agrees_with_hand_labels():
     """The refusal judge against completions of the zoo's Qwen models labelled by hand
-    (tests/data/refusal_labels.jsonl; see benchmarks/bench_refusal_judge.py)."""
+    (tests/data/refusal_labels.jsonl; see benchmarks/scripts/bench_refusal_judge.py)."""
     import json
     from pathlib import Path
 

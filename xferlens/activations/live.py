@@ -2,7 +2,7 @@
 
 This is how the paper's code trains a mapper (forward passes of both models for every
 training batch). xferlens caches pairs once instead; ``LivePairs`` exists to measure what
-that saves (``benchmarks/bench_train_speed.py``) and for corpora too large even for disk.
+that saves (``benchmarks/scripts/bench_train_speed.py``) and for corpora too large even for disk.
 It is a :class:`~xferlens.mappers.base.PairSource`, so ``fit_mapper`` takes it unchanged.
 """
 

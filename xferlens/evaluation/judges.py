@@ -5,7 +5,7 @@
   :data:`REFUSAL_PATTERNS` matches within its first ``window`` characters (refusals
   announce themselves up front; a long helpful answer that later says "I can't
   guarantee" is not one). Its agreement with hand labels on real completions of the zoo
-  models is measured by ``benchmarks/bench_refusal_judge.py`` and reported in
+  models is measured by ``benchmarks/scripts/bench_refusal_judge.py`` and reported in
   ``benchmarks/RESULTS.md``.
 """
 

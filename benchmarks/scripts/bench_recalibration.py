@@ -1,6 +1,7 @@
 """How long does a transferred refusal vector come out, and does norm recalibration fix it?
 
-    python benchmarks/bench_recalibration.py   # Qwen 0.5B L10 -> 1.5B L12; SmolLM2 L15 -> Qwen 0.5B L10
+    python benchmarks/scripts/bench_recalibration.py
+    # Qwen 0.5B L10 -> 1.5B L12; SmolLM2 L15 -> Qwen 0.5B L10
 
 Geometry only (no generation), on bench_steering's shuffled draw (``--train`` prompts per
 set for the vector, ``--train`` *other* prompts for a second native vector, the "twin";
@@ -19,7 +20,7 @@ every split:
   rows' spread; not in the library);
 - the vectors' relative norms in each model, the quantity recalibration assumes equal.
 
-Writes ``benchmarks/recalibration.json`` / ``.md``.
+Writes ``benchmarks/results/recalibration.json`` / ``.md``.
 """
 
 import argparse
@@ -152,11 +153,11 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=8, help="random re-splits of the vector prompts")
     args = ap.parse_args()
     results = {k: run_pair(k, args.train, args.splits) for k in args.pairs}
-    Path("benchmarks/recalibration.json").write_text(json.dumps(results, indent=1))
+    Path("benchmarks/results/recalibration.json").write_text(json.dumps(results, indent=1))
     lines = ["# Transferred refusal vectors: length and recalibration (geometry, no generation)", ""]
     for r in results.values():
         lines += table(r) + [""]
-    Path("benchmarks/recalibration.md").write_text("\n".join(lines))
+    Path("benchmarks/results/recalibration.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

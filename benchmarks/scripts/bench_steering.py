@@ -1,7 +1,7 @@
 """Refusal steering transferred from Qwen2.5-Coder 0.5B to 1.5B (issue 5), with controls.
 
-    python benchmarks/bench_steering.py            # the issue's table (>= 50 eval prompts each)
-    python benchmarks/bench_steering.py --eval 8 --alphas 1   # a quick look
+    python benchmarks/scripts/bench_steering.py            # the issue's table (>= 50 eval prompts each)
+    python benchmarks/scripts/bench_steering.py --eval 8 --alphas 1   # a quick look
 
 1. Refusal vectors by difference of means (harmful - harmless, last prompt token) from
    disjoint *training* prompts: the source's at ``--src-layer``, the target's own at
@@ -306,7 +306,9 @@ def main() -> None:
     for name, rep in (("add", add), ("ablate", ablate)):
         if rep is not None:
             fig = rep.plot()
-            fig.savefig(f"benchmarks/figures/steering_{name}_{args.tag}.png", dpi=110, bbox_inches="tight")
+            fig.savefig(
+                f"benchmarks/results/figures/steering_{name}_{args.tag}.png", dpi=110, bbox_inches="tight"
+            )
 
     # 4. throughput
     thr = None
@@ -318,7 +320,7 @@ def main() -> None:
         )
         lap("throughput vs HF generate", t0)
 
-    with open(f"benchmarks/steering_completions_{args.tag}.jsonl", "w") as f:
+    with open(f"benchmarks/results/steering_completions_{args.tag}.jsonl", "w") as f:
         for mode, rep, prompts in (("add", add, s_ev), ("ablate", ablate, h_ev)):
             for r in rep.rows if rep is not None else []:
                 for p, c, h in zip(prompts, r["completions"], r["hits"], strict=True):
@@ -384,7 +386,9 @@ def main() -> None:
         "seconds": timing,
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    Path(f"benchmarks/steering_{args.tag}.json").write_text(json.dumps(result, indent=1, default=float))
+    Path(f"benchmarks/results/steering_{args.tag}.json").write_text(
+        json.dumps(result, indent=1, default=float)
+    )
     lines = [
         f"# Refusal: {SRC} L{args.src_layer} -> {TGT} L{args.tgt_layer}",
         "",
@@ -418,7 +422,7 @@ def main() -> None:
             f"{thr['max_new_tokens']} new tokens): xferlens steered {thr['xferlens_tok_per_s']:.1f} tok/s, "
             f"HF generate {thr['hf_tok_per_s']:.1f} tok/s, ratio {thr['ratio']:.2f}",
         ]
-    Path(f"benchmarks/steering_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    Path(f"benchmarks/results/steering_{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(timing))
 

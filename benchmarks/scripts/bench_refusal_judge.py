@@ -6,7 +6,7 @@ with the direction ablated, and the controls), each labelled by hand as refusal 
 *before* the judge's verdict was looked at. This prints the confusion matrix, accuracy,
 precision and recall of ``xferlens.evaluation.is_refusal`` on them.
 
-    python benchmarks/bench_refusal_judge.py
+    python benchmarks/scripts/bench_refusal_judge.py
 """
 
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from xferlens.evaluation import is_refusal
 
-LABELS = Path(__file__).parents[1] / "tests" / "data" / "refusal_labels.jsonl"
+LABELS = Path(__file__).parents[2] / "tests" / "data" / "refusal_labels.jsonl"
 
 
 def agreement(path: Path = LABELS) -> dict:

@@ -8,7 +8,7 @@ folder. Each load runs in a fresh Python process (imports included in neither fi
 they are reported apart) and reports its peak RSS, and the peak less the RSS the process
 had after its imports (torch and transformers alone hold about 0.5 GB).
 
-    python benchmarks/bench_load.py [--models NAME ...] [--out benchmarks/load.json]
+    python benchmarks/scripts/bench_load.py [--models NAME ...] [--out benchmarks/results/load.json]
 """
 
 import argparse
@@ -56,7 +56,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(zoo.ZOO))
-    ap.add_argument("--out", default="benchmarks/load.json")
+    ap.add_argument("--out", default="benchmarks/results/load.json")
     args = ap.parse_args()
     real_home = paths.home()
     rows = []
