@@ -156,3 +156,45 @@ def test_cka_equals_numpy_reference():
     ref = np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
     got = _cka([torch.tensor(x)], [torch.tensor(y)], progress=False)[0, 0]
     assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_last_position_report_card_equals_a_hand_written_loop(tiny_tl):
+    """``positions="last"``: only each text's last token is patched, and the KL is that of
+    the next-token distribution there; checked against a loop written out by hand."""
+    from xferlens.activations.tokens import tokenize
+    from xferlens.evaluation import evaluate_mappers
+
+    src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
+    pairs = paired_activations(src, tgt, TEXTS, 1, 1, progress=False)
+    mapper = fit_mapper(pairs, "affine", progress=False)[0]
+    card = evaluate_mappers({"affine": mapper}, src, tgt, HELD_OUT, positions="last", progress=False)["affine"]
+    hook = "blocks.1.hook_resid_post"
+    ids = tokenize(tgt, HELD_OUT).ids
+    src_last, tgt_last, clean = [], [], []
+    with torch.no_grad():
+        for x in ids:
+            t = torch.tensor([x])
+            _, cs = src.run_with_cache(t, names_filter=hook)
+            logits, ct = tgt.run_with_cache(t, names_filter=hook)
+            src_last.append(cs[hook][0, -1])
+            tgt_last.append(ct[hook][0, -1])
+            clean.append(logits[0, -1].log_softmax(-1))
+        mean = torch.stack(tgt_last).mean(0)
+        kls = {"mapped": [], "mean_ablation": []}
+        for x, s, c in zip(ids, src_last, clean, strict=True):
+            for cond, row in (("mapped", mapper(s[None].float())[0]), ("mean_ablation", mean)):
+
+                def put(act, hook, row=row):
+                    act[:, -1] = row.to(act.dtype)
+                    return act
+
+                with tgt.hooks(fwd_hooks=[(hook, put)]):
+                    lp = tgt(torch.tensor([x]))[0, -1].log_softmax(-1)
+                kls[cond].append(float((c.exp() * (c - lp)).sum()))
+    assert card.n_rows == len(HELD_OUT) and card.n_positions == len(HELD_OUT)
+    for cond, values in kls.items():
+        assert card.patching[cond]["kl"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-6), cond
+    assert np.isnan(card.patching["mapped"]["ce"])
+    unchecked = getattr(evaluate_mappers, "__wrapped__", evaluate_mappers)  # past the test-time type check
+    with pytest.raises(ValueError, match="'all' or 'last'"):
+        unchecked({"affine": mapper}, src, tgt, HELD_OUT, positions="first", progress=False)

@@ -12,6 +12,7 @@ random linear map rescaled row by row to the mapped output's norm.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -198,6 +199,7 @@ def evaluate_mappers(
     max_length: int = 256,
     seed: int = 0,
     controls: bool = True,
+    positions: Literal["all", "last"] = "all",
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, MapperReport]:
@@ -213,6 +215,11 @@ def evaluate_mappers(
             floats per token).
         controls: also run the mean-ablation and random-map baselines (``False``: only
             the mapped patch, e.g. to rank many layer pairs; their figures are then NaN).
+        positions: ``"all"`` patches every paired position and scores each on the next
+            token; ``"last"`` patches only each text's last token and compares the next-token
+            distribution there (KL only: the next token is not in the text, so cross-entropy
+            is NaN) -- the card for a map fitted on the last prompt token, read on held-out
+            prompts (``texts`` are then chat-formatted prompts).
         force: evaluate even if the models are not those a mapper was fitted between.
     """
     from xferlens.activations.cache import texts_fingerprint
@@ -241,6 +248,10 @@ def evaluate_mappers(
     b = cache_activations(tgt, list(texts), tgt_hook, **kw)
     # the pairing depends on tokens only: every source hook gets the same rows
     by_hook: dict[str, Pairs] = {h: align_sets(a, b, h, tgt_hook, alignment) for h in src_hooks}
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
+    if positions == "last":
+        by_hook = {h: p.select(_last_rows(p, len(texts))) for h, p in by_hook.items()}
     pairs = by_hook[src_hooks[0]]
     tgt_rows = pairs.tgt.float()
     replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)} if controls else {}
@@ -253,7 +264,7 @@ def evaluate_mappers(
             replacements[f"{name}/random_map"] = _random_rows(src_rows, mapped, seed)
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
     patch, n_pos, n_text_tokens = _patched_losses(
-        tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress
+        tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress, positions == "last"
     )
     if not controls:
         nan = float("nan")
@@ -303,7 +314,21 @@ def evaluate_mappers(
     return reports
 
 
-def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress):
+def _last_rows(pairs: Pairs, n_texts: int) -> Tensor:
+    """Mask of each text's last paired target position (texts without a pair: none)."""
+    keep = torch.zeros(len(pairs), dtype=torch.bool)
+    best: dict[int, tuple[int, int]] = {}
+    for r, (t, pos) in enumerate(zip(pairs.text_index.tolist(), pairs.tgt_position.tolist(), strict=True)):
+        if t not in best or pos > best[t][0]:
+            best[t] = (pos, r)
+    for _, r in best.values():
+        keep[r] = True
+    if not keep.any():
+        raise ValueError(f"none of the {n_texts} texts has a paired last position")
+    return keep
+
+
+def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress, last=False):
     tk = tokenize(tgt, texts, max_length=max_length)
     pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else 0
     device = tgt.cfg.device
@@ -326,7 +351,7 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
         # score position t on token t+1 when t was patched and t+1 is a real token
         lengths = torch.tensor([len(tk.ids[i]) for i in batch])
         has_next = torch.arange(width).unsqueeze(0) < (lengths - 1).unsqueeze(1)
-        score = patched & has_next
+        score = patched if last else patched & has_next  # last: KL of the next-token distribution only
         nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
         score_dev = score.to(device)
         with torch.no_grad(), _right_padding(tgt.tokenizer):
@@ -345,7 +370,11 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
     bar.close()
     if n == 0:
         raise ValueError("no patched position has a next token to score: use longer texts")
-    return {c: {k: v / n for k, v in d.items()} for c, d in sums.items()}, n, n_text_tokens
+    out = {c: {k: v / n for k, v in d.items()} for c, d in sums.items()}
+    if last:  # the next token is not in the text: cross-entropy is not defined there
+        for d in out.values():
+            d["ce"] = float("nan")
+    return out, n, n_text_tokens
 
 
 def _greedy_step(mapper, src, tgt, text: str, alignment: str, patch: bool) -> int:

@@ -205,7 +205,12 @@ def write_report(run) -> Path:
     if cards:
         out += [
             "",
-            "### Report cards (held-out text; patch every position of the target layer)",
+            (
+                f"### Report cards ({res['report_cards'].get('texts', '?')} held-out task prompts; patch the "
+                "last prompt token, where the map was fitted; KL of the next-token distribution)"
+                if res["report_cards"].get("positions") == "last"
+                else "### Report cards (held-out text; patch every position of the target layer)"
+            ),
             "",
             "| kind | FVU | cosine | KL mapped | KL mean-ablation | KL random map | KL ratio (paper: 0.60) |",
             "|---|---|---|---|---|---|---|",

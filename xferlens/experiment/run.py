@@ -459,7 +459,15 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.evaluation import evaluate_mappers
 
     src, tgt = mdl.get()
-    texts = _corpus(spec, "report", spec.mapper.report_texts, held_out)
+    where = "all"
+    if spec.mapper.fit_on == "last":
+        # a last-token map is read where it was fitted: the last token of held-out task
+        # prompts (the vector's own, disjoint from the fit set), not positions of corpus text
+        fmt = tgt if spec.mapper.fit_format == "target" else src
+        texts = _chat(fmt, spec, sets["positive"] + sets["negative"])
+        where = "last"
+    else:
+        texts = _corpus(spec, "report", spec.mapper.report_texts, held_out)
     prompts = (
         _chat(src, spec, sets["eval"][: spec.mapper.report_prompts]) if spec.mapper.report_prompts else []
     )
@@ -471,13 +479,14 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         prompts=prompts,
         max_new_tokens=spec.evaluation.max_new_tokens,
         seed=spec.seed,
+        positions=where,
         progress=progress,
     )
     for kind, card in cards.items():
         fig = card.plot()
         fig.savefig(folder / "figures" / f"report_card_{kind}.png", dpi=110, bbox_inches="tight")
         _close(fig)
-    return {"cards": {k: c.to_dict() for k, c in cards.items()}}
+    return {"cards": {k: c.to_dict() for k, c in cards.items()}, "positions": where, "texts": len(texts)}
 
 
 VECTOR_NAMES = ("source", "native", "native twin", "transferred", "transferred (recalibrated)")

@@ -77,7 +77,9 @@ class MapperSpec:
     fit_format: str = "target"
     #: ``fit_on: content``: corpus texts the map is fitted on (the vector's prompts are added)
     fit_texts: int = 120
-    #: held-out corpus texts for the report cards (0: no report card)
+    #: held-out corpus texts for the report cards (0: no report card). With ``fit_on: last``
+    #: the cards read the map where it was fitted instead: the last token of the vector's
+    #: own prompts (held out from the fit), and any value > 0 just turns them on
     report_texts: int = 6
     #: prompts for clean-vs-patched greedy completions in the report cards
     report_prompts: int = 1
