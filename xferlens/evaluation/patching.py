@@ -12,8 +12,8 @@ random linear map rescaled row by row to the mapped output's norm.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

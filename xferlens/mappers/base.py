@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -124,6 +125,47 @@ class Mapper(nn.Module):
 
     def _map(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def map_direction(
+        self,
+        v: Float[Tensor, " d_src"],
+        source_rows: Float[Tensor, "n d_src"] | None = None,
+        method: str = "auto",
+    ) -> Float[Tensor, " d_tgt"]:
+        """A source-space direction (a difference of activations) carried into the target space.
+
+        ``"linear"`` (``auto`` for affine maps): ``M(v) - M(0)``, exact when ``M(x + v) - M(x)``
+        does not depend on ``x``. ``"mean_difference"`` (``auto`` otherwise): the mean over
+        ``source_rows`` (real source activations at the map's source hook) of
+        ``M(h + v) - M(h)``. Returned in float32 on the mapper's device.
+        """
+        if v.ndim != 1 or v.shape[0] != self.d_src:
+            raise MapperMismatchError(
+                f"direction has shape {tuple(v.shape)} but this {self.kind} mapper expects "
+                f"({self.d_src},) ({self._side('src')})"
+            )
+        if method == "auto":
+            method = "linear" if self.is_linear else "mean_difference"
+        p = next(iter([*self.parameters(), *self.buffers()]))
+        v = v.to(device=p.device, dtype=torch.float32)
+        if method == "linear":
+            return (self(v.unsqueeze(0)) - self(torch.zeros_like(v).unsqueeze(0)))[0]
+        if method != "mean_difference":
+            raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
+        if source_rows is None or source_rows.ndim != 2 or len(source_rows) == 0:
+            raise ValueError(
+                f"method='mean_difference' (the default for a {self.kind} mapper) needs source_rows: "
+                "[n, d_src] real activations of the source model at the mapper's source hook, "
+                "e.g. pairs.src"
+            )
+        if not torch.isfinite(source_rows).all():
+            raise ValueError("source_rows has NaN or inf entries")
+        total = torch.zeros(self.d_tgt, dtype=torch.float64, device=p.device)
+        for chunk in source_rows.split(4096):
+            h = chunk.to(device=p.device, dtype=torch.float32)
+            total += (self(h + v) - self(h)).double().sum(0)
+        return (total / len(source_rows)).float()
 
     @classmethod
     def fit(cls, train: PairSource, val: PairSource | None, config: MapperConfig, *, progress: bool = True):

@@ -105,29 +105,7 @@ def transfer(
     )
     _check_source(vector, mapper, hook)
     tgt_hook = tgt_hook or mapper.tgt_hook or hook
-    if method == "auto":
-        method = "linear" if mapper.is_linear else "mean_difference"
-    p = next(iter([*mapper.parameters(), *mapper.buffers()]))
-    v = vector.direction(hook).to(device=p.device, dtype=torch.float32)
-    if method == "linear":
-        t = mapper(v.unsqueeze(0)) - mapper(torch.zeros_like(v).unsqueeze(0))
-        t = t[0]
-    elif method == "mean_difference":
-        if source_rows is None or source_rows.ndim != 2 or len(source_rows) == 0:
-            raise ValueError(
-                f"method='mean_difference' (the default for a {mapper.kind} mapper) needs source_rows: "
-                "[n, d_src] real activations of the source model at the mapper's source hook, "
-                "e.g. pairs.src"
-            )
-        if not torch.isfinite(source_rows).all():
-            raise ValueError("source_rows has NaN or inf entries")
-        total = torch.zeros(mapper.d_tgt, dtype=torch.float64, device=p.device)
-        for chunk in source_rows.split(4096):
-            h = chunk.to(device=p.device, dtype=torch.float32)
-            total += (mapper(h + v) - mapper(h)).double().sum(0)
-        t = (total / len(source_rows)).float()
-    else:
-        raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
+    t = mapper.map_direction(vector.direction(hook), source_rows, method)
     training = mapper.meta.get("training") or {}
     tgt_norm = training.get("tgt_norm")
     raw_norm = float(t.norm())
