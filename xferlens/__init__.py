@@ -45,6 +45,7 @@ _LAZY = {
     "score_conditions": "xferlens.evaluation",
     "steering_scores": "xferlens.evaluation",
     "dose_response": "xferlens.evaluation",
+    "transfer_diagnostics": "xferlens.evaluation",
     "random_like": "xferlens.evaluation",
     "run_experiment": "xferlens.experiment",
     "load_spec": "xferlens.experiment",

@@ -167,7 +167,9 @@ def test_last_position_report_card_equals_a_hand_written_loop(tiny_tl):
     src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
     pairs = paired_activations(src, tgt, TEXTS, 1, 1, progress=False)
     mapper = fit_mapper(pairs, "affine", progress=False)[0]
-    card = evaluate_mappers({"affine": mapper}, src, tgt, HELD_OUT, positions="last", progress=False)["affine"]
+    card = evaluate_mappers({"affine": mapper}, src, tgt, HELD_OUT, positions="last", progress=False)[
+        "affine"
+    ]
     hook = "blocks.1.hook_resid_post"
     ids = tokenize(tgt, HELD_OUT).ids
     src_last, tgt_last, clean = [], [], []

@@ -86,6 +86,26 @@ class Pairs:
             f"src {self.coverage['src']:.1%} / tgt {self.coverage['tgt']:.1%})"
         )
 
+    def reversed(self) -> "Pairs":
+        """The same rows with source and target swapped (to fit a map the other way)."""
+
+        def swap(key: str) -> str:
+            for a, b in (("src", "tgt"), ("tgt", "src")):
+                if key == a or key.startswith(a + "_"):
+                    return b + key[len(a) :]
+            return key
+
+        return Pairs(
+            self.tgt,
+            self.src,
+            self.text_index,
+            self.tgt_position,
+            self.src_position,
+            self.alignment,
+            {swap(k): v for k, v in self.coverage.items()},
+            {swap(k): v for k, v in self.meta.items()},
+        )
+
     def select(self, mask: Tensor) -> "Pairs":
         return Pairs(
             self.src[mask],

@@ -2,6 +2,12 @@
 evaluation with controls, the continuous steering score and its dose-response, judges,
 text scores."""
 
+from xferlens.evaluation.diagnostics import (
+    probe_agreement,
+    round_trip,
+    subspace_fidelity,
+    transfer_diagnostics,
+)
 from xferlens.evaluation.dose import DoseEstimate, DoseResponse, equivalent_dose
 from xferlens.evaluation.judges import REFUSAL_PATTERNS, is_refusal, substring
 from xferlens.evaluation.layers import LayerScores, layer_pair_scores, rank_agreement
@@ -44,14 +50,18 @@ __all__ = [
     "is_refusal",
     "layer_pair_scores",
     "perplexity",
+    "probe_agreement",
     "random_like",
     "resolve_openings",
     "rank_agreement",
     "rouge_l",
+    "round_trip",
     "score_conditions",
     "select_by_behaviour",
     "steerability_sweep",
     "steering_scores",
+    "subspace_fidelity",
     "substring",
+    "transfer_diagnostics",
     "wilson",
 ]

@@ -236,6 +236,21 @@ def write_report(run) -> Path:
     for n, v in vec["vectors"].items():
         c = "1" if n == "native" else ("-" if n not in cos else f"{cos[n]:.3f}")
         out.append(f"| {n} | {v['norm']:.3g} | {v['relative_norm']:.3f} | {c} |")
+    dg = vec.get("diagnostics") or {}
+    if dg:
+        f = lambda x: "-" if x != x else f"{x:.3f}"  # noqa: E731
+        out += [
+            "",
+            f"**Will the map carry it?** Diagnostics read before any steering "
+            f"(`xferlens.evaluation.transfer_diagnostics`), on the last token of {int(dg['n_rows'])} "
+            f"{dg['prompts']} the map was not fitted on:",
+            "",
+            "| round trip cosine | round trip length | fidelity along the vector (R^2) | spread ratio "
+            "(target / mapped) | probe agreement (Spearman): transferred | native |",
+            "|---|---|---|---|---|---|",
+            f"| {f(dg['round_trip_cosine'])} | {f(dg['round_trip_length'])} | {f(dg['subspace_r2'])} | "
+            f"{f(dg['spread_ratio'])} | {f(dg['probe_spearman'])} | {f(dg['native_probe_spearman'])} |",
+        ]
     out += [
         "",
         f"## Dose-response ({len(sc['dose_response']['none'])} held-out prompts, continuous score)",

@@ -395,6 +395,9 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         mapper, hist = fit_mapper(pairs, kind, cfg, progress=progress)
         mapper.save(folder / "mappers" / kind)
         out["kinds"][kind] = _history_summary(hist)
+    # a map the other way, for the round-trip diagnostic (closed form: seconds)
+    back, _ = fit_mapper(pairs.reversed(), "affine", progress=False)
+    back.save(folder / "mappers" / BACKWARD)
     return out
 
 
@@ -435,6 +438,10 @@ def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress) -> di
         if xd.is_main():
             shutil.rmtree(shards)
     return out
+
+
+#: the target -> source affine map fitted beside the others (``mappers/<BACKWARD>``)
+BACKWARD = "backward_affine"
 
 
 def _history_summary(hist: dict) -> dict:
@@ -533,6 +540,7 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         )
     for name, v in vecs.items():
         v.save(folder / "vectors" / _slug(name))
+    diagnostics = _diagnostics(spec, folder, src, tgt, sets, mapper, v_src, v_nat, progress)
     nat = v_nat.direction().float().cpu()
     cos = {
         n: float(torch.nn.functional.cosine_similarity(v.direction().float().cpu(), nat, dim=0))
@@ -545,7 +553,40 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         "cosine_transferred_native": cos["transferred"],
         "cosine_to_native": cos,
         "vectors": {n: {"norm": v.norm(), "relative_norm": v.relative_norm()} for n, v in vecs.items()},
+        "diagnostics": diagnostics,
     }
+
+
+def _diagnostics(spec, folder, src, tgt, sets, mapper, v_src, v_nat, progress) -> dict:
+    """``xferlens.evaluation.transfer_diagnostics`` on the last token of prompts the map was
+    not fitted on: the twin's prompts when there are any, else the vector's own (held out
+    from a ``fit_on: last`` map)."""
+    from xferlens.activations import paired_activations
+    from xferlens.evaluation import transfer_diagnostics
+    from xferlens.mappers import load_mapper
+
+    if sets["twin_positive"]:
+        which, prompts = "twin prompts", sets["twin_positive"] + sets["twin_negative"]
+    elif spec.mapper.fit_on == "last":
+        which, prompts = "vector prompts", sets["positive"] + sets["negative"]
+    else:
+        return {}  # a content map saw the vector's prompts: no held-out task prompts to read
+    fmt = tgt if spec.mapper.fit_format == "target" else src
+    ls, lt = mapper.src_hook, mapper.tgt_hook
+    pairs = paired_activations(
+        src, tgt, _chat(fmt, spec, prompts), ls, lt, positions="last", progress=progress
+    )
+    back_dir = folder / "mappers" / BACKWARD
+    backward = load_mapper(back_dir, tgt, src, device=src.cfg.device) if back_dir.exists() else None
+    d = transfer_diagnostics(
+        v_src.direction(ls).float().cpu(),
+        mapper,
+        pairs.src.float(),
+        pairs.tgt.float(),
+        backward=backward,
+        native=v_nat.direction(lt).float().cpu(),
+    )
+    return {**d, "prompts": which}
 
 
 def _slug(name: str) -> str:
