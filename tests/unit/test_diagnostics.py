@@ -117,3 +117,31 @@ def test_transfer_diagnostics_tell_a_good_map_from_a_blind_one():
     # (its probe still ranks prompts: any direction with a component along the target's
     # dominant variation does, which is why the probe is read beside the fidelity)
     assert np.isnan(bad["round_trip_cosine"]) and np.isnan(bad["cosine_to_native"])
+
+
+def test_shrinkage_recalibration_undoes_the_squeeze_along_the_vector():
+    """A noisy least-squares map shrinks what it predicts; ``recalibrate='shrinkage'``
+    lengthens the transferred vector by std(target)/std(mapped) along it (numpy reference)."""
+    from xferlens.steering import transfer
+    from xferlens.steering.vector import SteeringVector
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(800, 8, generator=g)
+    a = torch.randn(8, 12, generator=g)
+    y = x @ a + 2.0 * torch.randn(800, 12, generator=g)  # much the map cannot predict
+    train = _pairs(x[:500], y[:500])
+    mapper = fit_mapper(train, "affine", progress=False)[0]
+    mapper.meta["src"] = {"hook": "h.a"}
+    mapper.meta["tgt"] = {"hook": "h.b", "d_model": 12}
+    v = SteeringVector({"h.a": torch.randn(8, generator=g)}, {"d_model": 8})
+    raw = transfer(v, mapper)
+    fixed = transfer(v, mapper, source_rows=x[500:], target_rows=y[500:], recalibrate="shrinkage")
+    u = raw.direction().double().numpy()
+    u = u / np.linalg.norm(u)
+    mapped = mapper(x[500:]).double().detach().numpy() @ u
+    want = np.std(y[500:].double().numpy() @ u, ddof=1) / np.std(mapped, ddof=1)
+    assert want > 1.02
+    assert fixed.norm() / raw.norm() == pytest.approx(want, rel=1e-5)
+    assert torch.allclose(fixed.direction() / fixed.norm(), raw.direction() / raw.norm(), atol=1e-6)
+    with pytest.raises(ValueError, match="needs source_rows and target_rows"):
+        transfer(v, mapper, recalibrate="shrinkage")

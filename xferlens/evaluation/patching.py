@@ -160,6 +160,26 @@ def _reconstruction(pred: Tensor, y: Tensor) -> dict:
     }
 
 
+def _resid_post_layer(hook_name: str) -> int | None:
+    """``L`` for ``blocks.L.hook_resid_post`` (where a patch can start from stored lower layers)."""
+    parts = hook_name.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] == "hook_resid_post":
+        return int(parts[1])
+    return None
+
+
+def _run_patched(tgt, tokens, lower, split, hook_name, mask, replace: Tensor | None) -> Tensor:
+    """Target logits with ``hook_name`` replaced at ``mask`` by ``replace`` (``None``: clean),
+    from the stored lower layers ``lower`` when there are any."""
+    if lower is None:
+        if replace is None:
+            return tgt(tokens)
+        with tgt.hooks(fwd_hooks=[(hook_name, _replace_hook(replace, mask))]):
+            return tgt(tokens)
+    x = lower if replace is None else _replace_hook(replace, mask)(lower, None)
+    return tgt(x, start_at_layer=split + 1)
+
+
 def _replace_hook(replacement: Tensor, mask: Tensor) -> Callable:
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()
@@ -355,14 +375,20 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
         nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
         score_dev = score.to(device)
         with torch.no_grad(), _right_padding(tgt.tokenizer):
-            clean = tgt(tokens.to(device))[score_dev].log_softmax(-1).float()
+            # the layers below the patched residual are the same for every condition: run
+            # them once and start each condition there (right padding: causal attention keeps
+            # pads out of the scored positions)
+            split = _resid_post_layer(hook_name)
+            toks, mask = tokens.to(device), patched.to(device)
+            lower = tgt(toks, stop_at_layer=split + 1) if split is not None else None
+            clean = _run_patched(tgt, toks, lower, split, hook_name, mask, None)
+            clean = clean[score_dev].log_softmax(-1).float()
             sums["clean"]["ce"] += float(-clean.gather(-1, nxt[:, None]).sum())
             for c, rep in replacements.items():
                 full = torch.zeros((len(batch), width, rep.shape[1]), dtype=rep.dtype)
                 full[patched] = rep[rows_at[patched]]
-                hook = _replace_hook(full.to(device), patched.to(device))
-                with tgt.hooks(fwd_hooks=[(hook_name, hook)]):
-                    lp = tgt(tokens.to(device))[score_dev].log_softmax(-1).float()
+                lp = _run_patched(tgt, toks, lower, split, hook_name, mask, full.to(device))
+                lp = lp[score_dev].log_softmax(-1).float()
                 sums[c]["ce"] += float(-lp.gather(-1, nxt[:, None]).sum())
                 sums[c]["kl"] += float((clean.exp() * (clean - lp)).sum())
         n += int(score.sum())

@@ -279,7 +279,8 @@ def run_experiment(
                 from xferlens.evaluation.dose import DoseResponse
 
                 dr = DoseResponse.from_dict(run.results[step]["dose_response"])
-                run.results[step].update(score_summary(spec, dr))
+                fresh = json.loads(json.dumps(score_summary(spec, dr)))  # as saved: tuples are lists
+                run.results[step].update(fresh)
             say(f"[{time.perf_counter() - t_start:7.1f}s] {step}: done earlier ({folder / step}.json)")
             continue
         say(f"[{time.perf_counter() - t_start:7.1f}s] {step} ...")
@@ -487,6 +488,7 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         max_new_tokens=spec.evaluation.max_new_tokens,
         seed=spec.seed,
         positions=where,
+        batch_size=16 if where == "last" else 2,  # short prompts, one scored row each
         progress=progress,
     )
     for kind, card in cards.items():
@@ -534,13 +536,22 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     if not mapper.is_linear:  # the mean-difference transfer reads real source activations
         rows = load_unmapped(folder / "mappers" / "fit_source_rows.safetensors")["src"]
     vecs["transferred"] = transfer(v_src, mapper, source_rows=rows)
-    if spec.evaluation.recalibrated:
+    held = _held_out_pairs(spec, src, tgt, sets, mapper, progress)
+    how = spec.evaluation.recalibrated
+    if how == "shrinkage":
+        if held is None:
+            raise RuntimeError(
+                "evaluation.recalibrated 'shrinkage' needs task prompts the map was not fitted on "
+                "(vector.twin_prompts > 0 or mapper.fit_on: last)"
+            )
         vecs["transferred (recalibrated)"] = transfer(
-            v_src, mapper, source_rows=rows, recalibrate=spec.evaluation.recalibrated
+            v_src, mapper, source_rows=held.src, target_rows=held.tgt, recalibrate="shrinkage"
         )
+    elif how:
+        vecs["transferred (recalibrated)"] = transfer(v_src, mapper, source_rows=rows, recalibrate=how)
     for name, v in vecs.items():
         v.save(folder / "vectors" / _slug(name))
-    diagnostics = _diagnostics(spec, folder, src, tgt, sets, mapper, v_src, v_nat, progress)
+    diagnostics = _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat)
     nat = v_nat.direction().float().cpu()
     cos = {
         n: float(torch.nn.functional.cosine_similarity(v.direction().float().cpu(), nat, dim=0))
@@ -557,36 +568,45 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     }
 
 
-def _diagnostics(spec, folder, src, tgt, sets, mapper, v_src, v_nat, progress) -> dict:
-    """``xferlens.evaluation.transfer_diagnostics`` on the last token of prompts the map was
-    not fitted on: the twin's prompts when there are any, else the vector's own (held out
-    from a ``fit_on: last`` map)."""
+def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
+    """Last-token rows of task prompts the map was not fitted on, in both models: the
+    twin's prompts when there are any, else the vector's own (held out from a
+    ``fit_on: last`` map); ``None`` for a content map, which saw the vector's prompts."""
     from xferlens.activations import paired_activations
-    from xferlens.evaluation import transfer_diagnostics
-    from xferlens.mappers import load_mapper
 
     if sets["twin_positive"]:
         which, prompts = "twin prompts", sets["twin_positive"] + sets["twin_negative"]
     elif spec.mapper.fit_on == "last":
         which, prompts = "vector prompts", sets["positive"] + sets["negative"]
     else:
-        return {}  # a content map saw the vector's prompts: no held-out task prompts to read
+        return None
     fmt = tgt if spec.mapper.fit_format == "target" else src
-    ls, lt = mapper.src_hook, mapper.tgt_hook
+    texts = _chat(fmt, spec, prompts)
     pairs = paired_activations(
-        src, tgt, _chat(fmt, spec, prompts), ls, lt, positions="last", progress=progress
+        src, tgt, texts, mapper.src_hook, mapper.tgt_hook, positions="last", progress=progress
     )
+    pairs.meta["which"] = which
+    return pairs
+
+
+def _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat) -> dict:
+    """``xferlens.evaluation.transfer_diagnostics`` on the held-out rows."""
+    from xferlens.evaluation import transfer_diagnostics
+    from xferlens.mappers import load_mapper
+
+    if held is None:
+        return {}
     back_dir = folder / "mappers" / BACKWARD
     backward = load_mapper(back_dir, tgt, src, device=src.cfg.device) if back_dir.exists() else None
     d = transfer_diagnostics(
-        v_src.direction(ls).float().cpu(),
+        v_src.direction(mapper.src_hook).float().cpu(),
         mapper,
-        pairs.src.float(),
-        pairs.tgt.float(),
+        held.src.float(),
+        held.tgt.float(),
         backward=backward,
-        native=v_nat.direction(lt).float().cpu(),
+        native=v_nat.direction(mapper.tgt_hook).float().cpu(),
     )
-    return {**d, "prompts": which}
+    return {**d, "prompts": held.meta["which"]}
 
 
 def _slug(name: str) -> str:

@@ -132,8 +132,9 @@ class EvalSpec:
     #: general texts for the perplexity of each confirmed condition (0: none)
     ppl_texts: int = 0
     batch_size: int = 16
-    #: also evaluate the transfer rescaled to the source's relative norm: ``false``,
-    #: ``norm`` (``true``) or ``spread`` (see ``xferlens.steering.transfer``)
+    #: also evaluate the transfer rescaled: ``false``, ``norm`` (``true``) or ``spread`` (to
+    #: the source's relative norm), ``shrinkage`` (undo the map's squeeze along the vector,
+    #: label-free); see ``xferlens.steering.transfer``
     recalibrated: bool | str = False
 
 
@@ -459,8 +460,10 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
             f"evaluation.confirm_prompts: {e.confirm_prompts} > evaluation.prompts {e.prompts}; the "
             "confirmation generates on a subset of the scored prompts"
         )
-    if e.recalibrated not in (False, True, "norm", "spread"):
-        raise SpecError(f"evaluation.recalibrated: {e.recalibrated!r}; valid: false, true, 'norm', 'spread'")
+    if e.recalibrated not in (False, True, "norm", "spread", "shrinkage"):
+        raise SpecError(
+            f"evaluation.recalibrated: {e.recalibrated!r}; valid: false, true, 'norm', 'spread', 'shrinkage'"
+        )
     try:
         resolve_judge(e.judge)
     except ValueError as err:

@@ -167,6 +167,31 @@ class Mapper(nn.Module):
             total += (self(h + v) - self(h)).double().sum(0)
         return (total / len(source_rows)).float()
 
+    @torch.no_grad()
+    def shrinkage(
+        self,
+        direction: Float[Tensor, " d_tgt"],
+        source_rows: Float[Tensor, "n d_src"],
+        target_rows: Float[Tensor, "n d_tgt"],
+    ) -> float:
+        """std(target rows along ``direction``) / std(mapped source rows along it), row i of
+        both the same token: how much the map squeezes that direction. A least-squares map
+        predicts ``E[y | x]``, whose spread along a direction it predicts poorly is smaller
+        than the target's own, so a vector it carries comes out short by about this factor
+        (the assumption: the vector is shortened as the rows are)."""
+        if len(source_rows) != len(target_rows) or len(source_rows) < 3:
+            raise ValueError(
+                f"source_rows ({len(source_rows)}) and target_rows ({len(target_rows)}) must be paired "
+                "rows of the same tokens, at least 3"
+            )
+        u = direction.double().cpu()
+        u = u / u.norm()
+        mapped = torch.cat([self(b.float()) for b in source_rows.split(4096)]).double().cpu() @ u
+        spread = float(mapped.std())
+        if not spread > 0:
+            raise ValueError("the mapped rows do not vary along the direction; give varied rows")
+        return float((target_rows.double().cpu() @ u).std()) / spread
+
     @classmethod
     def fit(cls, train: PairSource, val: PairSource | None, config: MapperConfig, *, progress: bool = True):
         raise NotImplementedError

@@ -29,6 +29,13 @@ raw 0.93), Qwen 0.5B L10 -> 1.5B L12 does not (0.42 vs 0.57; "spread" 0.73, "nor
 raw 0.89), and there recalibrating makes the vector shorter. Evaluations report raw and
 recalibrated side by side.
 
+``"shrinkage"`` is label-free and asks nothing of the pair: it measures how much the map
+squeezes the transferred direction on held-out paired rows (std of the target's rows along
+it over the mapped rows'; a least-squares map predicts a conditional mean, which varies
+less than the target along what it predicts poorly) and lengthens the vector by that
+factor. It assumes the vector is shortened as the rows are: an upper bound where the map
+predicts the behaviour's shift itself better than the rest of the spread.
+
 Where to fit the map: where the vector lives. A difference-of-means refusal vector is
 read (and acts) at the last prompt token, a template position; a map fitted on every
 token of general text or of chat prompts is dominated by ordinary text and carries that
@@ -75,8 +82,9 @@ def transfer(
     mapper: Mapper,
     *,
     source_rows: Tensor | None = None,
+    target_rows: Tensor | None = None,
     method: Literal["auto", "linear", "mean_difference"] = "auto",
-    recalibrate: bool | Literal["norm", "spread"] = False,
+    recalibrate: bool | Literal["norm", "spread", "shrinkage"] = False,
     hook: str | None = None,
     tgt_hook: str | None = None,
 ) -> SteeringVector:
@@ -88,9 +96,13 @@ def transfer(
         source_rows: ``[n, d_src]`` real source activations at that hook (e.g. the
             mapper's training pairs' ``src``); needed by ``"mean_difference"``.
         method: ``"auto"``, ``"linear"`` or ``"mean_difference"`` (module doc).
+        target_rows: ``[n, d_tgt]`` the target's activations of the same tokens as
+            ``source_rows`` (paired, held out from the map's fit); needed by ``"shrinkage"``.
         recalibrate: rescale to the source vector's relative norm (module doc):
             ``"norm"`` (or ``True``) relative to the layer's mean activation norm,
-            ``"spread"`` relative to its centred spread; ``False``: raw.
+            ``"spread"`` relative to its centred spread; ``"shrinkage"`` undoes the map's
+            squeeze along the transferred direction (``Mapper.shrinkage``, label-free);
+            ``False``: raw.
         hook: which of the vector's hooks to transfer (default: its only one).
         tgt_hook: target hook name when the mapper does not record one.
 
@@ -112,9 +124,19 @@ def transfer(
     scale = 1.0
     if recalibrate is True:
         recalibrate = "norm"
-    if recalibrate not in (False, "norm", "spread"):
-        raise ValueError(f"recalibrate must be False, True, 'norm' or 'spread', not {recalibrate!r}")
-    if recalibrate:
+    if recalibrate not in (False, "norm", "spread", "shrinkage"):
+        raise ValueError(
+            f"recalibrate must be False, True, 'norm', 'spread' or 'shrinkage', not {recalibrate!r}"
+        )
+    if recalibrate == "shrinkage":
+        if source_rows is None or target_rows is None:
+            raise ValueError(
+                "recalibrate='shrinkage' needs source_rows and target_rows: paired activations of the same "
+                "held-out tokens at the map's two hooks (e.g. paired_activations(...).src / .tgt)"
+            )
+        scale = mapper.shrinkage(t, source_rows, target_rows)
+        t = t * scale
+    elif recalibrate:
         src_scale, tgt_scale = training.get(f"src_{recalibrate}"), training.get(f"tgt_{recalibrate}")
         if src_scale is None or tgt_scale is None:
             raise ValueError(
