@@ -31,6 +31,7 @@ from xferlens.activations import (
 )
 from xferlens.activations.cache import _right_padding
 from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.evaluation.score import _final_logprobs
 from xferlens.evaluation.text import rouge_l
 from xferlens.mappers.base import Mapper
 
@@ -169,15 +170,16 @@ def _resid_post_layer(hook_name: str) -> int | None:
 
 
 def _run_patched(tgt, tokens, lower, split, hook_name, mask, replace: Tensor | None) -> Tensor:
-    """Target logits with ``hook_name`` replaced at ``mask`` by ``replace`` (``None``: clean),
-    from the stored lower layers ``lower`` when there are any."""
+    """The target's final residual stream with ``hook_name`` replaced at ``mask`` by
+    ``replace`` (``None``: clean), from the stored lower layers ``lower`` when there are any."""
+    top = tgt.cfg.n_layers
     if lower is None:
         if replace is None:
-            return tgt(tokens)
+            return tgt(tokens, stop_at_layer=top)
         with tgt.hooks(fwd_hooks=[(hook_name, _replace_hook(replace, mask))]):
-            return tgt(tokens)
+            return tgt(tokens, stop_at_layer=top)
     x = lower if replace is None else _replace_hook(replace, mask)(lower, None)
-    return tgt(x, start_at_layer=split + 1)
+    return tgt(x, start_at_layer=split + 1, stop_at_layer=top)
 
 
 def _replace_hook(replacement: Tensor, mask: Tensor) -> Callable:
@@ -381,14 +383,16 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
             split = _resid_post_layer(hook_name)
             toks, mask = tokens.to(device), patched.to(device)
             lower = tgt(toks, stop_at_layer=split + 1) if split is not None else None
-            clean = _run_patched(tgt, toks, lower, split, hook_name, mask, None)
-            clean = clean[score_dev].log_softmax(-1).float()
+            # logits only where they are scored (the unembedding is most of a forward pass)
+            clean = _final_logprobs(
+                tgt, _run_patched(tgt, toks, lower, split, hook_name, mask, None)[score_dev]
+            )
             sums["clean"]["ce"] += float(-clean.gather(-1, nxt[:, None]).sum())
             for c, rep in replacements.items():
                 full = torch.zeros((len(batch), width, rep.shape[1]), dtype=rep.dtype)
                 full[patched] = rep[rows_at[patched]]
                 lp = _run_patched(tgt, toks, lower, split, hook_name, mask, full.to(device))
-                lp = lp[score_dev].log_softmax(-1).float()
+                lp = _final_logprobs(tgt, lp[score_dev])
                 sums[c]["ce"] += float(-lp.gather(-1, nxt[:, None]).sum())
                 sums[c]["kl"] += float((clean.exp() * (clean - lp)).sum())
         n += int(score.sum())

@@ -441,6 +441,8 @@ def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress) -> di
     return out
 
 
+#: held-out task prompts (half each set) a last-token report card reads
+REPORT_PROMPTS = 64
 #: the target -> source affine map fitted beside the others (``mappers/<BACKWARD>``)
 BACKWARD = "backward_affine"
 
@@ -472,7 +474,8 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         # a last-token map is read where it was fitted: the last token of held-out task
         # prompts (the vector's own, disjoint from the fit set), not positions of corpus text
         fmt = tgt if spec.mapper.fit_format == "target" else src
-        texts = _chat(fmt, spec, sets["positive"] + sets["negative"])
+        k = REPORT_PROMPTS // 2  # each costs one pass of the upper layers per condition
+        texts = _chat(fmt, spec, sets["positive"][:k] + sets["negative"][:k])
         where = "last"
     else:
         texts = _corpus(spec, "report", spec.mapper.report_texts, held_out)
