@@ -13,6 +13,12 @@ rows can be re-scored) and gives the score's AUC against the hand labels.
 
 It also times one steered grid (unsteered + ``--conditions`` steered conditions at a middle
 layer) to show the per-condition cost once the lower layers are shared.
+
+``--dtype bfloat16`` runs all of it in bfloat16; ``--agreement`` instead scores the same
+prompts unsteered and under the model's own refusal vector (difference of means, 32 + 32
+prompts, middle layer) at alpha 1 and 2 in float32 and in bfloat16, and reports per
+condition the mean score in each dtype, the per-prompt correlation, the mean absolute
+difference and the time: whether bfloat16 (``dtype: auto``) changes what the score says.
 """
 
 import argparse
@@ -68,6 +74,40 @@ def label_agreement(model) -> dict:
     return {"n": len(rows), "refusals": sum(y), "auc": auc(s, y), "scores": s, "labels": y}
 
 
+def dtype_agreement(args) -> dict:
+    import numpy as np
+
+    from xferlens.steering.build import diff_of_means
+
+    out: dict = {"model": args.model, "prompts": args.prompts, "dtypes": {}}
+    scores = {}
+    for dt in ("float32", "bfloat16"):
+        model = load_model(args.model, dtype=dt, progress=False)
+        prompts = chat_prompts(model, list(data.harmless_prompts(n=args.prompts, seed=11)))
+        harmful = chat_prompts(model, list(data.harmful_prompts())[:32])
+        harmless = chat_prompts(model, list(data.harmless_prompts(n=32, seed=5)))
+        layer = model.cfg.n_layers // 2
+        v = diff_of_means(model, harmful, harmless, hooks=layer)
+        conds = [(None, 0.0), (v, 1.0), (v, 2.0)]
+        t0 = time.perf_counter()
+        scores[dt] = score_conditions(
+            model, prompts, "refusal", conds, batch_size=args.batch_size, progress=False
+        )
+        out["dtypes"][dt] = {
+            "score_s": time.perf_counter() - t0,
+            "vector_norm": v.norm(),
+            "layer": layer,
+            "mean_score": scores[dt].mean(1).tolist(),
+        }
+        del model
+    a, b = scores["float32"].numpy(), scores["bfloat16"].numpy()
+    out["conditions"] = ["none", "native x1", "native x2"]
+    out["pearson_r"] = [float(np.corrcoef(a[c], b[c])[0, 1]) for c in range(len(a))]
+    out["mean_abs_diff"] = np.abs(a - b).mean(1).tolist()
+    out["speedup"] = out["dtypes"]["float32"]["score_s"] / out["dtypes"]["bfloat16"]["score_s"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
@@ -75,10 +115,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--conditions", type=int, default=4, help="steered conditions in the grid timing")
-    ap.add_argument("--out", default="benchmarks/score_throughput.json")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--agreement", action="store_true", help="float32 vs bfloat16 scores (module doc)")
+    ap.add_argument("--out", default="benchmarks/results/score_throughput.json")
     args = ap.parse_args()
+    if args.agreement:
+        out = dtype_agreement(args)
+        print(json.dumps(out, indent=1))
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        return
 
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     prompts = chat_prompts(model, list(data.harmless_prompts(n=args.prompts, seed=11)))
     n_tok = sum(len(x) for x in tokenize(model, prompts, truncate=False).ids)
     with torch.inference_mode():
@@ -106,6 +153,7 @@ def main() -> None:
     b, s = min(t_bare), min(t_score)
     out = {
         "model": args.model,
+        "dtype": args.dtype,
         "prompts": len(prompts),
         "prompt_tokens": n_tok,
         "batch_size": args.batch_size,

@@ -276,14 +276,15 @@ def score_conditions(
             )
             lower = model(tokens, past_kv_cache=cache_a, attention_mask=mask, stop_at_layer=s)
         # the opening tokens' lower layers do not depend on the condition either: once per batch
-        row_lower = {}
+        # every continuation row of every prompt in one pass ([R * b] sequences): a pass over
+        # a few tokens costs what reading the weights costs, so R passes would cost R times
+        row_tokens = _row_tokens(rows, b, dev)
+        row_mask = torch.ones_like(row_tokens) if rows else None
+        rep_mask = full_mask.repeat(len(rows), 1) if rows else None
+        row_lower = None
         if lower is not None and rows:
-            frozen_a = _frozen(cache_a.entries, full_mask)
-            for row in rows:
-                t = torch.tensor([row], dtype=torch.long, device=dev).expand(b, -1)
-                row_lower[row] = model(
-                    t, past_kv_cache=frozen_a, attention_mask=torch.ones_like(t), stop_at_layer=s
-                )
+            frozen_a = _frozen(_repeated(cache_a.entries, len(rows)), rep_mask)
+            row_lower = model(row_tokens, past_kv_cache=frozen_a, attention_mask=row_mask, stop_at_layer=s)
         for c, hs in enumerate(hooks):
             upper_entries = _expanded(cond_prefix[c], b, range(s, model.cfg.n_layers))
             if lower is not None:
@@ -317,39 +318,61 @@ def score_conditions(
             root = _final_logprobs(model, resid[rows_idx, last])  # [b, vocab]
             cont = {}
             if rows and lower is not None:
-                frozen = _frozen(cache_b.entries, full_mask)
+                frozen = _frozen(_repeated(cache_b.entries, len(rows)), rep_mask)
                 inner = [(n, f) for n, f in hs if n not in at_input]
-                for row in rows:
-                    x = row_lower[row]
-                    for name, fn in hs:
-                        if name in at_input:
-                            x = fn(x, SimpleNamespace(name=name))
-                    ones = torch.ones((b, len(row)), dtype=full_mask.dtype, device=dev)
-                    with model.hooks(fwd_hooks=inner):
-                        r = model(
-                            x,
-                            start_at_layer=s,
-                            stop_at_layer=model.cfg.n_layers,
-                            past_kv_cache=frozen,
-                            attention_mask=torch.cat([full_mask, ones], dim=1),
-                        )
-                    cont[row] = _final_logprobs(model, r)  # [b, len(row), vocab]
+                x = row_lower
+                for name, fn in hs:
+                    if name in at_input:
+                        x = fn(x, SimpleNamespace(name=name))
+                with model.hooks(fwd_hooks=inner):
+                    r = model(
+                        x,
+                        start_at_layer=s,
+                        stop_at_layer=model.cfg.n_layers,
+                        past_kv_cache=frozen,
+                        attention_mask=torch.cat([rep_mask, row_mask], dim=1),
+                    )
+                cont = _split_rows(model, rows, b, r)
             elif rows:
-                frozen = _frozen(cache_b.entries, full_mask)
+                frozen = _frozen(_repeated(cache_b.entries, len(rows)), rep_mask)
                 with model.hooks(fwd_hooks=hs):
-                    for row in rows:
-                        t = torch.tensor([row], dtype=torch.long, device=dev).expand(b, -1)
-                        r = model(
-                            t,
-                            past_kv_cache=frozen,
-                            attention_mask=torch.ones_like(t),
-                            stop_at_layer=model.cfg.n_layers,
-                        )
-                        cont[row] = _final_logprobs(model, r)  # [b, len(row), vocab]
+                    r = model(
+                        row_tokens,
+                        past_kv_cache=frozen,
+                        attention_mask=row_mask,
+                        stop_at_layer=model.cfg.n_layers,
+                    )
+                cont = _split_rows(model, rows, b, r)
             out[c, batch] = _log_odds(paths, rows, root, cont).double().cpu()
             bar.update(b)
     bar.close()
     return out
+
+
+def _row_tokens(rows: list[tuple[int, ...]], b: int, dev) -> Tensor:
+    """``[R * b, max row length]``: row r for each of the batch's b prompts (sequence
+    ``r * b + i``), right-padded by repeating its last token (causal attention: padding
+    after a position does not change it; padded positions are never read)."""
+    if not rows:
+        return torch.empty((0, 0), dtype=torch.long, device=dev)
+    width = max(len(r) for r in rows)
+    padded = [list(r) + [r[-1]] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.long, device=dev).repeat_interleave(b, dim=0)
+
+
+def _repeated(entries: list, times: int) -> list:
+    """Cache entries for ``[times * b]`` sequences: the b prompts' entries, ``times`` over."""
+    return [
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys.repeat(times, 1, 1, 1), e.past_values.repeat(times, 1, 1, 1)
+        )
+        for e in entries
+    ]
+
+
+def _split_rows(model: HookedTransformer, rows: list, b: int, resid: Tensor) -> dict:
+    """Per row: ``[b, len(row), vocab]`` log-probabilities from the stacked pass."""
+    return {row: _final_logprobs(model, resid[k * b : (k + 1) * b, : len(row)]) for k, row in enumerate(rows)}
 
 
 def _batches(model: HookedTransformer, lengths: list[int], extra: int, batch_size: int, max_tokens: int):
