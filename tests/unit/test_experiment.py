@@ -152,6 +152,27 @@ def test_an_autoencoder_spec_runs_end_to_end(pair, tmp_path):
     assert run.complete and "transferred" in run.results["scores"]["doses"]
 
 
+def test_a_shrinkage_spec_runs_and_lengthens_by_the_reported_spread_ratio(pair, tmp_path):
+    """``evaluation.recalibrated: shrinkage``: the recalibrated vector is the transferred one
+    lengthened by the spread ratio the report's diagnostics give (same held-out rows)."""
+    d = tiny_spec(
+        name="shrink",
+        search={"texts": 0},
+        source={"layer": 1},
+        target={"layer": 1},
+        mapper={"kinds": ["affine"], "report_texts": 2},
+        evaluation={"confirm_alphas": [], "confirm_prompts": 0, "recalibrated": "shrinkage"},
+    )
+    run = run_experiment(spec_from_dict(d), tmp_path / "shrink", models=pair, progress=False, log=None)
+    vec = run.results["vectors"]
+    assert "transferred (recalibrated)" in run.results["scores"]["doses"]
+    dg = vec["diagnostics"]
+    assert dg["prompts"] == "vector prompts" and dg["n_rows"] == 8
+    ratio = vec["vectors"]["transferred (recalibrated)"]["norm"] / vec["vectors"]["transferred"]["norm"]
+    assert ratio == pytest.approx(dg["spread_ratio"], rel=1e-4)
+    assert "Will the map carry it?" in (tmp_path / "shrink" / "report.md").read_text()
+
+
 def test_an_interrupted_run_has_no_report_and_resumes_at_the_failed_step(pair, tmp_path, monkeypatch):
     spec = spec_from_dict(tiny_spec(name="cut", mapper={"kinds": ["affine"], "report_texts": 2}))
     folder = tmp_path / "cut"
