@@ -141,6 +141,29 @@ def clean_staging(root: Path, *, stale_after_s: float = STALE_AFTER_S) -> list[P
     return removed
 
 
+def claim_stage(path: Path) -> int:
+    """Mark a staging folder as this live process's: lock ``STAGE_LOCK`` inside it and write
+    the pid. Returns the descriptor; the lock lasts until it is closed or the process dies."""
+    fd = os.open(path / STAGE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def clean_dead_stages(parent: Path, pattern: str, *, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the folders in ``parent`` matching ``pattern`` that a dead job left (same rule
+    as :func:`clean_staging`); return them."""
+    now = time.time()
+    removed = []
+    for entry in sorted(parent.glob(pattern)):
+        if entry.is_dir() and not entry.is_symlink() and _stale(entry, now, stale_after_s):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d staging folder(s) left by dead jobs in %s", len(removed), parent)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(root: Path, prefix: str) -> Iterator[Path]:
     """A scratch folder inside ``root/tmp`` (same filesystem, so a final rename is atomic).

@@ -325,3 +325,35 @@ def test_overwrite_replaces_only_a_shard_folder(tiny, tmp_path):
     (shards / "notes.md").unlink()
     store = cache_to_disk(tiny, TEXTS[:2], shards, 1, overwrite=True, progress=False)
     assert store.load().texts == TEXTS[:2]
+
+
+def test_a_killed_writers_stage_is_removed_and_a_live_ones_kept(tiny, tmp_path):
+    """A writer killed outright (SIGKILL: no ``finally``) leaves ``.NAME-partial-*``; the next
+    write of that folder removes it when its owner is dead, and leaves a live writer's."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from xferlens import paths
+
+    out = tmp_path / "acts"
+    dead = tmp_path / ".acts-partial-dead"
+    dead.mkdir()
+    (dead / "shard-00000.safetensors").write_bytes(b"half")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (dead / paths.STAGE_LOCK).write_text(proc.stdout.strip())  # its writer's pid, now gone
+    live = tmp_path / ".acts-partial-live"
+    live.mkdir()
+    fd = paths.claim_stage(live)  # a writer still running (this process holds the lock)
+    try:
+        store = cache_to_disk(tiny, TEXTS[:2], out, 1, progress=False)
+        assert not dead.exists() and live.exists()
+        assert store.load().texts == TEXTS[:2]
+        assert not (out / paths.STAGE_LOCK).exists()  # the lock never lands in the result
+        assert set(tmp_path.glob(".acts-partial-*")) == {live}  # no stage of this write left
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

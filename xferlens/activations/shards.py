@@ -36,6 +36,7 @@ from safetensors.torch import load as load_bytes
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens import paths
 from xferlens.activations.cache import (
     ActivationSet,
     iter_activations,
@@ -182,11 +183,15 @@ def write_staged(folder: Path, overwrite: bool, work, finish, *, distributed: bo
     spread = active(distributed)
     err: Exception | None = None
     stage_name = None
+    claim = None  # the stage's lock (rank 0): a killed writer's stage is told from a live one's
     if not spread or is_main():
         try:
             check_replaceable(folder, overwrite)
             folder.parent.mkdir(parents=True, exist_ok=True)
+            # stages of this folder whose writer was killed outright (no finally ran)
+            paths.clean_dead_stages(folder.parent, f".{folder.name}-partial-*")
             stage_name = tempfile.mkdtemp(prefix=f".{folder.name}-partial-", dir=folder.parent)
+            claim = paths.claim_stage(Path(stage_name))
         except Exception as e:  # noqa: BLE001 - agreed on below
             err = e
     if spread:
@@ -220,6 +225,7 @@ def write_staged(folder: Path, overwrite: bool, work, finish, *, distributed: bo
         if not spread or is_main():
             try:
                 finish(stage, records)
+                (stage / paths.STAGE_LOCK).unlink(missing_ok=True)  # not part of the result
                 _swap_into_place(stage, folder, overwrite)
             except Exception as e:  # noqa: BLE001 - agreed on below
                 err = e
@@ -227,6 +233,8 @@ def write_staged(folder: Path, overwrite: bool, work, finish, *, distributed: bo
     finally:
         if not spread or is_main():
             shutil.rmtree(stage, ignore_errors=True)  # only left if we failed before the rename
+            if claim is not None:
+                os.close(claim)
 
 
 class ShardBuffer:
