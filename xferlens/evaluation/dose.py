@@ -260,8 +260,8 @@ class DoseResponse:
         """Mean log-odds with 95 % intervals (and mean P(opening)) per condition and alpha."""
         head = "| condition | " + " | ".join(f"alpha {a:g}" for a in self.alphas) + " |"
         lines = [
-            f"Mean log-odds that the reply opens as `{self.meta.get('openings', '?')}` "
-            f"(n = {self.n} prompts per condition; 95 % bootstrap intervals; mean P(opening) below).",
+            f"Mean log-odds of the reply's opening `{self.meta.get('openings', '?')}` "
+            f"(n = {self.n} prompts per condition; 95 % bootstrap intervals; mean P in brackets).",
             "",
             head,
             "|" + "---|" * (len(self.alphas) + 1),

