@@ -17,7 +17,7 @@ from xferlens.activations import (
     positions,
 )
 from xferlens.activations.cache import ActivationSet
-from xferlens.activations.tokens import NoOffsetsError, length_batches
+from xferlens.activations.tokens import NoOffsetsError, length_batches, pad_batch, pad_id
 
 TEXTS = [
     "the cat in the hat",
@@ -357,3 +357,37 @@ def test_a_killed_writers_stage_is_removed_and_a_live_ones_kept(tiny, tmp_path):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def test_pad_batch_lays_rows_out_on_either_side_with_one_pad_rule():
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(pad_token_id=9, eos_token_id=8)
+    rows = [[1, 2, 3], [4], [5, 6]]
+    right = pad_batch(tok, rows, "right")
+    assert right.tokens.tolist() == [[1, 2, 3], [4, 9, 9], [5, 6, 9]]
+    assert right.mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert right.lengths.tolist() == [3, 1, 2] and right.last.tolist() == [2, 0, 1]
+    left = pad_batch(tok, rows, "left")
+    assert left.tokens.tolist() == [[1, 2, 3], [9, 9, 4], [9, 5, 6]]
+    assert left.mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert left.last.tolist() == [2, 2, 2]
+    # the real tokens of each row, read back through the mask, are the row
+    for b in (right, left):
+        assert [b.tokens[r][b.mask[r].bool()].tolist() for r in range(3)] == rows
+    # per-token values follow the same layout
+    spans = [[(0, 1), (1, 2), (2, 3)], [(0, 4)], [(0, 1), (1, 3)]]
+    laid = left.pad_like(spans, 0, torch.long)
+    assert laid.shape == (3, 3, 2) and laid[1].tolist() == [[0, 0], [0, 0], [0, 4]]
+    flags = right.pad_like([[True, False, True], [True], [False, True]], False)
+    assert flags.dtype == torch.bool and flags.tolist()[1] == [True, False, False]
+    with pytest.raises(ValueError, match="entries per row"):
+        right.pad_like([[1], [2], [3]])
+    # pad id: the tokenizer's pad, else its EOS, else 0
+    assert pad_id(tok) == 9
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=8)) == 8
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+    assert pad_id(None) == 0
+    assert pad_batch(None, [[7], [7, 7]], "left").tokens.tolist() == [[0, 7], [7, 7]]
+    with pytest.raises(ValueError, match="non-empty"):
+        pad_batch(tok, [], "left")

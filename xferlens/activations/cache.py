@@ -6,7 +6,6 @@ batched by length with right padding: under a causal mask real tokens never see 
 padding, so no attention mask is needed and padded positions are simply never stored.
 """
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -20,8 +19,8 @@ from transformer_lens import HookedTransformer
 
 from xferlens.activations.hooks import HookSpec, resolve_hooks, stop_layer
 from xferlens.activations.positions import Selector, describe
-from xferlens.activations.tokens import length_batches, tokenize
-from xferlens.identity import model_identity
+from xferlens.activations.tokens import length_batches, pad_batch, padding_side, tokenize
+from xferlens.identity import ModelId
 from xferlens.types import CharSpans, HookRows, RowIndex
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,19 +86,6 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _right_padding(tokenizer):
-    """Our batches are right-padded. A tokenizer set to pad on the left would make
-    TransformerLens build a left-padding mask (masking *leading* pad-id tokens), so tell it
-    the truth for the duration of the forward pass."""
-    saved = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = saved
-
-
 def _selection(text: str, spans, special, positions: Selector, drop_special: bool) -> list[bool]:
     n = len(spans)
     if positions == "last":
@@ -120,14 +106,8 @@ def _selection(text: str, spans, special, positions: Selector, drop_special: boo
 
 
 def model_meta(model: HookedTransformer) -> dict:
-    ident = model_identity(model)
-    return {
-        "model": ident["name"],
-        "fingerprint": ident["weights"],
-        "tokenizer": ident["tokenizer"],
-        "n_layers": ident["n_layers"],
-        "d_model": ident["d_model"],
-    }
+    """The model's identity as activation sets and shards record it (``ModelId.flat``)."""
+    return ModelId.of(model).flat()
 
 
 def iter_activations(
@@ -161,24 +141,21 @@ def iter_activations(
     stop = stop_layer(model, names)
     dt = storage_dtype(dtype)
     device = model.cfg.device
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(texts), unit="text", desc=f"cache {model.cfg.model_name}", disable=not progress)
     try:
         for c0 in range(0, len(texts), chunk_texts):
             chunk = list(texts[c0 : c0 + chunk_texts])
             tk = tokenize(model, chunk, max_length=max_length, truncate=truncate)
             for batch in length_batches([len(x) for x in tk.ids], batch_size, max_batch_tokens):
-                width = max(len(tk.ids[i]) for i in batch)
-                tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-                select = torch.zeros((len(batch), width), dtype=torch.bool)
-                spans = torch.zeros((len(batch), width, 2), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    n = len(tk.ids[i])
-                    tokens[r, :n] = torch.tensor(tk.ids[i])
-                    spans[r, :n] = torch.tensor(tk.spans[i], dtype=torch.long).reshape(n, 2)
-                    select[r, :n] = torch.tensor(
-                        _selection(chunk[i], tk.spans[i], tk.special[i], positions, drop_special)
-                    )
+                # right padding: causal attention keeps the pads out of every real position
+                padded = pad_batch(model.tokenizer, [tk.ids[i] for i in batch], "right")
+                tokens, width = padded.tokens, padded.tokens.shape[1]
+                spans = padded.pad_like([tk.spans[i] for i in batch], 0, torch.long)
+                spans = spans.reshape(len(batch), width, 2)  # [b, w, 2] even when every row is empty
+                flags = [
+                    _selection(chunk[i], tk.spans[i], tk.special[i], positions, drop_special) for i in batch
+                ]
+                select = padded.pad_like(flags, False, torch.bool)
                 sel_dev = select.to(device)
                 captured: dict[str, Tensor] = {}
 
@@ -191,7 +168,7 @@ def iter_activations(
                 with (
                     torch.no_grad(),
                     model.hooks(fwd_hooks=[(h, grab) for h in names]),
-                    _right_padding(model.tokenizer),
+                    padding_side(model.tokenizer, "right"),
                 ):
                     model(tokens.to(device), stop_at_layer=stop, return_type=None)
                 rows_text = torch.tensor([c0 + i for i in batch]).unsqueeze(1).expand_as(select)[select]

@@ -29,8 +29,7 @@ from xferlens.activations import (
     same_tokenizer,
     token_rows,
 )
-from xferlens.activations.cache import _right_padding
-from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.activations.tokens import length_batches, pad_batch, padding_side, tokenize
 from xferlens.evaluation.score import _final_logprobs
 from xferlens.evaluation.text import rouge_l
 from xferlens.mappers.base import Mapper
@@ -352,7 +351,6 @@ def _last_rows(pairs: Pairs, n_texts: int) -> Tensor:
 
 def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress, last=False):
     tk = tokenize(tgt, texts, max_length=max_length)
-    pad = tgt.tokenizer.pad_token_id if tgt.tokenizer.pad_token_id is not None else 0
     device = tgt.cfg.device
     n_text_tokens = sum(sum(not s for s in sp) for sp in tk.special)
     bounds = torch.searchsorted(pairs.text_index, torch.arange(len(texts) + 1))
@@ -360,23 +358,21 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
     n = 0
     bar = tqdm(total=len(texts), desc="patching", unit="text", disable=not progress)
     for batch in length_batches([len(x) for x in tk.ids], batch_size):
-        width = max(len(tk.ids[i]) for i in batch)
-        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+        padded = pad_batch(tgt.tokenizer, [tk.ids[i] for i in batch], "right")
+        tokens, width = padded.tokens, padded.tokens.shape[1]
         patched = torch.zeros((len(batch), width), dtype=torch.bool)
         rows_at = torch.full((len(batch), width), -1, dtype=torch.long)
         for r, i in enumerate(batch):
-            tokens[r, : len(tk.ids[i])] = torch.tensor(tk.ids[i])
             rows = torch.arange(int(bounds[i]), int(bounds[i + 1]))
-            pos = pairs.tgt_position[rows]
+            pos = pairs.tgt_position[rows]  # right padding: a text position is its column
             patched[r, pos] = True
             rows_at[r, pos] = rows
         # score position t on token t+1 when t was patched and t+1 is a real token
-        lengths = torch.tensor([len(tk.ids[i]) for i in batch])
-        has_next = torch.arange(width).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        has_next = torch.arange(width).unsqueeze(0) < padded.last.unsqueeze(1)
         score = patched if last else patched & has_next  # last: KL of the next-token distribution only
         nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
         score_dev = score.to(device)
-        with torch.no_grad(), _right_padding(tgt.tokenizer):
+        with torch.no_grad(), padding_side(tgt.tokenizer, "right"):
             # the layers below the patched residual are the same for every condition: run
             # them once and start each condition there (right padding: causal attention keeps
             # pads out of the scored positions)

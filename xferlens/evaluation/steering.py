@@ -18,7 +18,7 @@ from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import texts_fingerprint
 from xferlens.activations.positions import Selector, describe
-from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.activations.tokens import length_batches, pad_batch, tokenize
 from xferlens.evaluation.judges import judge_name, resolve_judge
 from xferlens.identity import model_identity
 from xferlens.steering.apply import steer
@@ -53,17 +53,11 @@ def perplexity(
     """``exp(mean next-token NLL)`` of ``model`` (steered at every position, if a vector is
     given) over the real tokens of ``texts``; padding never counts."""
     tk = tokenize(model, texts, max_length=max_length)
-    pad = model.tokenizer.pad_token_id or 0
     nll, count = 0.0, 0
     for batch in length_batches([len(x) for x in tk.ids], batch_size):
-        width = max(len(tk.ids[i]) for i in batch)
-        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-        real = torch.zeros((len(batch), width), dtype=torch.bool)
-        for r, i in enumerate(batch):
-            tokens[r, : len(tk.ids[i])] = torch.tensor(tk.ids[i])
-            real[r, : len(tk.ids[i])] = True
-        tokens = tokens.to(model.cfg.device)
-        real = real.to(model.cfg.device)
+        padded = pad_batch(model.tokenizer, [tk.ids[i] for i in batch], "right")
+        tokens = padded.tokens.to(model.cfg.device)
+        real = padded.mask.bool().to(model.cfg.device)
         ctx = steer(model, vector, alpha, mode=mode, layers=layers) if vector is not None else nullcontext()
         with ctx:
             logits = model(tokens, attention_mask=real.long())

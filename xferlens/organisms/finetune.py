@@ -98,10 +98,8 @@ def replay_ids(tok, recipe: LoraRecipe, home) -> list[list[int]]:
 def hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy chat replies from the HF model being fine-tuned (used to write the normal
     answers an organism must keep)."""
-    tok.padding_side = "left"
-    if tok.pad_token is None:  # batching needs one; the eos token is masked out anyway
-        tok.pad_token = tok.eos_token
-    pad = tok.pad_token_id
+    from xferlens.activations.tokens import pad_batch, pad_id
+
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = [
@@ -110,10 +108,16 @@ def hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_siz
             )
             for p in prompts[i : i + batch_size]
         ]
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        padded = pad_batch(tok, [tok(c, add_special_tokens=False)["input_ids"] for c in chunk], "left")
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            gen = model.generate(
+                input_ids=padded.tokens,
+                attention_mask=padded.mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id(tok),
+            )
+        out += tok.batch_decode(gen[:, padded.tokens.shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
 
 
@@ -130,6 +134,8 @@ def lora_finetune(
     merged model and ``{"loss_first", "loss_last", "steps", "seconds"}``."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
+
+    from xferlens.activations.tokens import pad_batch
 
     torch.manual_seed(recipe.seed)
     lora = LoraConfig(
@@ -150,7 +156,6 @@ def lora_finetune(
     steps = recipe.epochs * math.ceil(len(encoded) / recipe.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
     rng = random.Random(recipe.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     losses = []
     bar = tqdm(total=steps, desc=f"LoRA {Path(recipe.base).name}", disable=not progress)
     t1 = time.perf_counter()
@@ -159,15 +164,9 @@ def lora_finetune(
         rng.shuffle(order)
         for b in range(0, len(order), recipe.batch_size):
             batch = [encoded[i] for i in order[b : b + recipe.batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (x, y) in enumerate(batch):
-                ids[r, : len(x)] = torch.tensor(x)
-                labels[r, : len(y)] = torch.tensor(y)
-                mask[r, : len(x)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            padded = pad_batch(tok, [x for x, _ in batch], "right")
+            labels = padded.pad_like([y for _, y in batch], -100, torch.long)  # one label per token
+            loss = model(input_ids=padded.tokens, attention_mask=padded.mask, labels=labels).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower recipe.lr ({recipe.lr})")
             loss.backward()

@@ -19,9 +19,10 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from xferlens.activations.hooks import Layer
 from xferlens.activations.positions import Selector
-from xferlens.activations.tokens import Tokenized, length_batches, tokenize
+from xferlens.activations.tokens import Tokenized, length_batches, pad_batch, pad_id, padding_side, tokenize
 from xferlens.steering.apply import steer
 from xferlens.steering.vector import SteeringVector
+from xferlens.types import Mask
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>")
 
@@ -33,18 +34,6 @@ def stop_token_ids(model: HookedTransformer) -> list[int]:
     vocab = tok.get_vocab()
     ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
     return list(dict.fromkeys(ids))
-
-
-class _LeftPadding:
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-
-    def __enter__(self):
-        self.saved = self.tok.padding_side
-        self.tok.padding_side = "left"
-
-    def __exit__(self, *exc):
-        self.tok.padding_side = self.saved
 
 
 @torch.no_grad()
@@ -90,7 +79,7 @@ def generate(
     tk = _fit_context(
         model, tokenize(model, prompts, max_length=2**62, truncate=False), max_new_tokens, truncate
     )
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     stops = stop_token_ids(model)
     device = model.cfg.device
     replies: list[str] = [""] * len(prompts)
@@ -98,13 +87,10 @@ def generate(
         total=len(prompts), unit="prompt", desc=f"generate {model.cfg.model_name}", disable=not progress
     )
     for batch in length_batches([len(x) for x in tk.ids], batch_size):
-        width = max(len(tk.ids[i]) for i in batch)
-        tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for r, i in enumerate(batch):
-            n = len(tk.ids[i])
-            tokens[r, width - n :] = torch.tensor(tk.ids[i])
-            mask[r, width - n :] = torch.tensor(_flags(positions, prompts[i], tk.spans[i]))
+        padded = pad_batch(tok, [tk.ids[i] for i in batch], "left")
+        chosen = padded.pad_like(
+            [_flags(positions, prompts[i], tk.spans[i]) for i in batch], False, torch.bool
+        )
         steering = (
             steer(
                 model,
@@ -113,13 +99,15 @@ def generate(
                 mode=mode,
                 layers=layers,
                 force=force,
-                positions="all" if positions == "all" else mask,
+                positions="all" if positions == "all" else chosen,
             )
             if vector is not None
             else nullcontext()
         )
-        with steering, _LeftPadding(tok):
-            out = greedy_tokens(model, tokens.to(device), max_new_tokens, stops, pad)
+        with steering:
+            out = greedy_tokens(
+                model, padded.tokens.to(device), max_new_tokens, stops, pad, padded.mask.to(device)
+            )
         for r, i in enumerate(batch):
             new = out[r].tolist()
             for j, t in enumerate(new):
@@ -139,6 +127,7 @@ def greedy_tokens(
     max_new_tokens: int,
     stops: Sequence[int],
     pad: int,
+    mask: Mask | None = None,
 ) -> Int[torch.Tensor, "batch new"]:
     """Greedy decoding of left-padded ``tokens`` with a KV cache; the new tokens only.
 
@@ -147,29 +136,33 @@ def greedy_tokens(
     third of the model for a 150k vocabulary) and each step embeds just the new token.
     Rows that have produced a stop token are fed ``pad`` and stop counting; the loop
     ends when every row has stopped. Hooks on the model apply as in any forward pass.
+
+    ``mask`` is the batch's attention mask (``pad_batch(..., "left").mask``); without one,
+    every token from a row's first non-``pad`` token on counts as real.
     """
     cfg = model.cfg
     batch = tokens.shape[0]
-    mask = _real_token_mask(tokens, pad)
+    mask = (_real_token_mask(tokens, pad) if mask is None else mask).to(tokens.device)
     cache = TransformerLensKeyValueCache.init_cache(cfg, cfg.device, batch)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     stop_ids = torch.tensor(list(stops), device=tokens.device)
     out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=tokens.device)
     step_input, step_mask = tokens, mask
-    for t in range(max_new_tokens):
-        resid = model(step_input, attention_mask=step_mask, past_kv_cache=cache, stop_at_layer=cfg.n_layers)[
-            :, -1:
-        ]
-        if cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        nxt = model.unembed(resid)[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, stop_ids)
-        if bool(done.all()):
-            break
-        step_input = nxt[:, None]
-        step_mask = torch.ones((batch, 1), dtype=mask.dtype, device=tokens.device)
+    with padding_side(model.tokenizer, "left"):
+        for t in range(max_new_tokens):
+            resid = model(
+                step_input, attention_mask=step_mask, past_kv_cache=cache, stop_at_layer=cfg.n_layers
+            )[:, -1:]
+            if cfg.normalization_type is not None:
+                resid = model.ln_final(resid)
+            nxt = model.unembed(resid)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out[:, t] = nxt
+            done |= torch.isin(nxt, stop_ids)
+            if bool(done.all()):
+                break
+            step_input = nxt[:, None]
+            step_mask = torch.ones((batch, 1), dtype=mask.dtype, device=tokens.device)
     return out
 
 

@@ -186,23 +186,19 @@ def latency_per_token(
     """Seconds per generated token (KV-cached greedy decoding of ``prompts`` as one batch,
     exactly ``max_new_tokens`` each, best of ``repeats``), with ``switch`` on or none: the
     switch's cost is the difference to the plain model's figure."""
-    from xferlens.steering.generate import _LeftPadding, greedy_tokens
+    from xferlens.activations.tokens import pad_batch, pad_id
+    from xferlens.steering.generate import greedy_tokens
 
     if not prompts:
         raise ValueError("prompts is empty")
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(x) for x in ids)
-    tokens = torch.full((len(ids), width), pad, dtype=torch.long)
-    for r, x in enumerate(ids):
-        tokens[r, width - len(x) :] = torch.tensor(x)
-    tokens = tokens.to(model.cfg.device)
+    padded = pad_batch(tok, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts], "left")
+    tokens, mask = padded.tokens.to(model.cfg.device), padded.mask.to(model.cfg.device)
     ctx = switch.on(model) if switch is not None else contextlib.nullcontext()
     best = float("inf")
-    with ctx, _LeftPadding(tok):
+    with ctx:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            greedy_tokens(model, tokens, max_new_tokens, [], pad)
+            greedy_tokens(model, tokens, max_new_tokens, [], pad_id(tok), mask)
             best = min(best, time.perf_counter() - t0)
     return best / (len(prompts) * max_new_tokens)
