@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it (imported on first attribute access)
 _LAZY = {
+    "XferlensError": "xferlens.errors",
+    "ModelMismatchError": "xferlens.errors",
     "cache_activations": "xferlens.activations",
     "cache_to_disk": "xferlens.activations",
     "paired_activations": "xferlens.activations",

@@ -40,6 +40,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from xferlens.errors import XferlensError
+
 logger = logging.getLogger(__name__)
 
 SEAL_PREFIX = "sha256:"
@@ -52,7 +54,7 @@ HOOK_NAME = re.compile(
 )
 
 
-class ArtifactError(ValueError):
+class ArtifactError(XferlensError, ValueError):
     """An artifact folder is missing a file, corrupted, tampered with, or of another format."""
 
 

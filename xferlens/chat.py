@@ -5,8 +5,10 @@ from collections.abc import Sequence
 import torch
 from transformer_lens import HookedTransformer
 
+from xferlens.errors import XferlensError
 
-class NoChatTemplateError(ValueError):
+
+class NoChatTemplateError(XferlensError, ValueError):
     pass
 
 

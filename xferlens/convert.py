@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from xferlens.errors import XferlensError
+
 logger = logging.getLogger(__name__)
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(XferlensError, ValueError):
     pass
 
 

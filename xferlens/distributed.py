@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from xferlens.errors import XferlensError
+
 logger = logging.getLogger(__name__)
 
 #: seconds a collective (and joining the group) may wait for the slowest rank
@@ -56,7 +58,7 @@ PEER_GRACE_S = 2.0
 T = TypeVar("T")
 
 
-class RankError(RuntimeError):
+class RankError(XferlensError, RuntimeError):
     """Raised on every rank when another rank failed at a point where all must agree."""
 
 

@@ -70,6 +70,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
 from xferlens import convert, paths, zoo
+from xferlens.errors import XferlensError
 from xferlens.processing import Processing, process_state_dict
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def _is_tl_official(name: str) -> bool:
     return True
 
 
-class PickleRefusedError(ValueError):
+class PickleRefusedError(XferlensError, ValueError):
     """A hub checkpoint could only be read with pickle, and the caller did not allow it."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from xferlens.errors import XferlensError
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -28,7 +30,7 @@ _DTYPES = {
 }
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(XferlensError, ValueError):
     pass
 
 

@@ -35,13 +35,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from xferlens import paths
+from xferlens.errors import XferlensError
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "xferlens.json"
 
 
-class ZooError(RuntimeError):
+class ZooError(XferlensError, RuntimeError):
     """Base class for zoo failures (unknown name, download, checksum)."""
 
 

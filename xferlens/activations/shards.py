@@ -57,13 +57,14 @@ from xferlens.distributed import (
     shard_indices,
 )
 from xferlens.distributed import world_size as _world_size
+from xferlens.errors import XferlensError
 from xferlens.safetensors_io import read_header, save_streaming
 
 FORMAT = "xferlens.activation-shards/1"
 INDEX_KEYS = ["text_index", "position", "token_ids", "char_spans"]
 
 
-class ShardError(ValueError):
+class ShardError(XferlensError, ValueError):
     pass
 
 

@@ -17,12 +17,13 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens.errors import XferlensError
 from xferlens.types import Mask, Tokens
 
 logger = logging.getLogger(__name__)
 
 
-class NoOffsetsError(ValueError):
+class NoOffsetsError(XferlensError, ValueError):
     pass
 
 

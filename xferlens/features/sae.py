@@ -32,12 +32,13 @@ from sae_lens.config import SAETrainerConfig
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens.errors import ModelMismatchError
 from xferlens.identity import identity_differences, model_identity
 
 META_FILE = "xferlens.json"
 
 
-class SAEMismatchError(ValueError):
+class SAEMismatchError(ModelMismatchError):
     """An SAE was used with a model or hook other than the one it was trained on."""
 
 

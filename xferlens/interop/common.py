@@ -13,6 +13,7 @@ import re
 
 from transformer_lens import HookedTransformer
 
+from xferlens.errors import XferlensError
 from xferlens.steering.vector import SteeringVector
 
 #: Hugging Face architecture (TransformerLens ``cfg.original_architecture``) -> llama.cpp
@@ -43,7 +44,7 @@ _RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 _RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
 
 
-class InteropError(ValueError):
+class InteropError(XferlensError, ValueError):
     """A vector that cannot be expressed in (or read from) another library's format."""
 
 

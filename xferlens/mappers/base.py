@@ -19,16 +19,17 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
+from xferlens.errors import ModelMismatchError, XferlensError
 from xferlens.identity import identity_differences, model_identity
 
 logger = logging.getLogger(__name__)
 
 
-class MapperMismatchError(ValueError):
+class MapperMismatchError(ModelMismatchError):
     """A mapper (or its input) does not belong to the models or data it is used with."""
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(XferlensError, ValueError):
     """NaN or inf found in activations."""
 
 

@@ -24,13 +24,14 @@ from xferlens.artifacts import (
     read_artifact,
     write_artifact,
 )
+from xferlens.errors import ModelMismatchError
 from xferlens.identity import identity_differences, model_identity
 
 FORMAT = "xferlens.steering/1"
 STEM = "vector"
 
 
-class SteeringMismatchError(ValueError):
+class SteeringMismatchError(ModelMismatchError):
     """A steering vector used with a model (or hook) it does not belong to."""
 
 
