@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "XferlensError": "xferlens.errors",
     "ModelMismatchError": "xferlens.errors",
+    "ModelId": "xferlens.identity",
     "cache_activations": "xferlens.activations",
     "cache_to_disk": "xferlens.activations",
     "paired_activations": "xferlens.activations",

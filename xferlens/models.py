@@ -71,6 +71,7 @@ from transformer_lens.config.hooked_transformer_config import HookedTransformerC
 
 from xferlens import convert, paths, zoo
 from xferlens.errors import XferlensError
+from xferlens.identity import remember_source
 from xferlens.processing import Processing, process_state_dict
 
 logger = logging.getLogger(__name__)
@@ -681,13 +682,14 @@ def load_model(
     model.to(dev)
     model.cfg.device = dev
     transposed_layout(model)
-    model.xferlens_source = {  # read by artifacts that must know which model they belong to
-        "spec": source.spec,
-        "name": source.name,
-        "folder": str(source.folder),
-        "fingerprint": source.fingerprint,
-        "processing": processing.__dict__,
-    }
+    remember_source(  # artifacts read it to know which model they belong to
+        model,
+        source.fingerprint,
+        spec=source.spec,
+        name=source.name,
+        folder=str(source.folder),
+        processing=processing.__dict__,
+    )
     model.eval()
     logger.info("loaded %s (%s) in %.1fs", source.name, how, time.perf_counter() - t0)
     return model

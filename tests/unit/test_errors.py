@@ -45,6 +45,8 @@ def test_each_keeps_the_builtin_it_derived_from():
     assert issubclass(ZooError, RuntimeError) and issubclass(UnknownModelError, KeyError)
 
 
-def test_the_top_level_package_exports_the_base():
-    assert xferlens.XferlensError is XferlensError
+def test_the_top_level_package_exports_the_base_and_the_identity():
+    from xferlens.identity import ModelId
+
+    assert xferlens.XferlensError is XferlensError and xferlens.ModelId is ModelId
     assert xferlens.ModelMismatchError is ModelMismatchError

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import xferlens.models as models
 from xferlens import convert, load_model
+from xferlens.identity import ModelId, loaded_from
 from xferlens.processing import Processing, process_state_dict
 from xferlens.verify import logprob_gap
 
@@ -80,10 +81,10 @@ def test_second_load_uses_cached_conversion(tiny_hf_folder, monkeypatch):
 def test_gguf_file_spec(tiny_gguf, tmp_path):
     model = load_model(tiny_gguf, device="cpu", progress=False)
     assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab) == (2, 64, 263)
-    folder = model.xferlens_source["folder"]
+    folder = loaded_from(model)["folder"]
     gap = logprob_gap(model, _hf(folder), model.to_tokens(TEXT))
     assert gap.max().item() < 1e-4
-    assert model.xferlens_source["fingerprint"].startswith("gguf-sha256:")
+    assert ModelId.of(model).weights.startswith("gguf-sha256:")
 
 
 def test_zoo_name_pulls_then_loads(wheelhouse, monkeypatch, tmp_path):
@@ -96,7 +97,8 @@ def test_zoo_name_pulls_then_loads(wheelhouse, monkeypatch, tmp_path):
         load_model("tiny-llama", device="cpu", pull=False)
     model = load_model("tiny-llama", device="cpu", progress=False)
     assert model.cfg.model_name == "tiny-llama"
-    assert model.xferlens_source["fingerprint"] == f"gguf-sha256:{wheelhouse['entry'].sha256}"
+    assert ModelId.of(model).weights == f"gguf-sha256:{wheelhouse['entry'].sha256}"
+    assert not hasattr(model, "xferlens_source") and not hasattr(model.tokenizer, "_xferlens_sha")
 
 
 def test_dtype_bfloat16(tiny_hf_folder):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xferlens.activations import paired_activations
+from xferlens.identity import remember_source
 from xferlens.mappers import MapperMismatchError, fit_mapper
 from xferlens.steering import SafetySwitch, latency_per_token, load_switch
 
@@ -31,7 +32,7 @@ def base_and_finetuned(tiny_tl):
     mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5
     with torch.no_grad():  # the "fine-tune": an invertible linear change of the embedding
         ft.embed.W_E.copy_(base.embed.W_E @ mix)
-    ft.xferlens_source = {**(getattr(base, "xferlens_source", None) or {}), "fingerprint": "finetuned-test"}
+    remember_source(ft, "finetuned-test")  # a fine-tune is other weights
     return base, ft
 
 

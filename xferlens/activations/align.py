@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import ActivationSet, cache_activations, texts_fingerprint
 from xferlens.activations.positions import Selector
+from xferlens.identity import ModelId
 from xferlens.types import RowIndex, SrcRows, TgtRows
 
 
@@ -197,11 +198,9 @@ def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: 
         alignment=alignment,
         coverage=coverage,
         meta={
-            **{f"src_{k}": src.meta.get(k) for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
-            **{f"tgt_{k}": tgt.meta.get(k) for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
-            "src_model": src.meta.get("model"),
+            **ModelId.read(src.meta).flat("src_"),
+            **ModelId.read(tgt.meta).flat("tgt_"),
             "src_hook": src_hook,
-            "tgt_model": tgt.meta.get("model"),
             "tgt_hook": tgt_hook,
             "n_texts": n_texts,
             "texts_fingerprint": texts_fingerprint(src.texts),

@@ -13,8 +13,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.align import match_rows, paired_activations, same_tokenizer
-from xferlens.activations.cache import model_meta, texts_fingerprint, token_rows
+from xferlens.activations.cache import texts_fingerprint, token_rows
 from xferlens.activations.hooks import resolve_hooks
+from xferlens.identity import ModelId
 
 
 class LivePairs:
@@ -47,12 +48,9 @@ class LivePairs:
             _rows_per_text = torch.bincount(ti, minlength=len(self.texts)).tolist()
         self.rows_per_text = _rows_per_text
         self.ids = list(range(len(self.texts))) if ids is None else list(ids)
-        sm, tm = model_meta(src), model_meta(tgt)
         self.meta = {
-            **{f"src_{k}": sm[k] for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
-            **{f"tgt_{k}": tm[k] for k in ("fingerprint", "tokenizer", "d_model", "n_layers")},
-            "src_model": sm["model"],
-            "tgt_model": tm["model"],
+            **ModelId.of(src).flat("src_"),
+            **ModelId.of(tgt).flat("tgt_"),
             "src_hook": self.src_hook,
             "tgt_hook": self.tgt_hook,
             "n_texts": len(self.texts),

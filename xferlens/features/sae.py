@@ -33,7 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from xferlens.errors import ModelMismatchError
-from xferlens.identity import identity_differences, model_identity
+from xferlens.identity import ModelId, model_identity
 
 META_FILE = "xferlens.json"
 
@@ -81,12 +81,13 @@ class TrainedSAE:
         return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def check_model(self, model: HookedTransformer) -> None:
-        diffs = identity_differences(self.model, model_identity(model), "SAE's model")
-        if diffs:
-            raise SAEMismatchError(
-                f"this SAE was trained on {self.model.get('name')} ({self.hook}), not on "
-                f"{model.cfg.model_name}: " + "; ".join(diffs)
-            )
+        ModelId.read(self.model).check(
+            model,
+            what=f"this SAE was trained on {self.model.get('name')} ({self.hook}), "
+            f"not on {model.cfg.model_name}",
+            role="SAE's model",
+            error=SAEMismatchError,
+        )
 
     def save(self, folder: str | os.PathLike) -> Path:
         """sae-lens's inference format plus ``xferlens.json``."""

@@ -9,7 +9,6 @@ kind needs no change anywhere else.
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
 from xferlens.errors import ModelMismatchError, XferlensError
-from xferlens.identity import identity_differences, model_identity
+from xferlens.identity import ModelId, check
 
 logger = logging.getLogger(__name__)
 
@@ -223,28 +222,26 @@ class Mapper(nn.Module):
         Compares names, widths, weights fingerprints and tokenizers; ``force=True`` turns
         the refusal into a loud warning.
         """
-        diffs = []
+        sides, widths = [], []
         for role, model, label in (("src", src, "source"), ("tgt", tgt, "target")):
             if model is None:
                 continue
-            if model.cfg.d_model != (self.d_src if role == "src" else self.d_tgt):
-                diffs.append(
-                    f"{label} d_model: mapper expects {self.d_src if role == 'src' else self.d_tgt}, "
-                    f"{model.cfg.model_name} has {model.cfg.d_model}"
+            sides.append((label, ModelId.read(self.meta, role), model))
+            d = self.d_src if role == "src" else self.d_tgt
+            if model.cfg.d_model != d:
+                widths.append(
+                    f"{label} d_model: mapper expects {d}, {model.cfg.model_name} has {model.cfg.d_model}"
                 )
-            recorded = {k: v for k, v in (self.meta.get(role) or {}).items() if k != "hook" and v is not None}
-            diffs += identity_differences(recorded, model_identity(model), label)
-        if not diffs:
-            return
-        msg = (
+        check(
             f"this {self.kind} mapper was fitted for {self._side('src')} -> {self._side('tgt')}, "
-            f"and the models given differ: " + "; ".join(dict.fromkeys(diffs))
+            "and the models given differ",
+            sides,
+            extra=widths,
+            force=force,
+            error=MapperMismatchError,
+            shout="APPLYING A MAPPER TO MODELS IT WAS NOT FITTED FOR",
+            stacklevel=2,
         )
-        if force:
-            warnings.warn("APPLYING A MAPPER TO MODELS IT WAS NOT FITTED FOR: " + msg, stacklevel=2)
-            logger.warning("force=True: %s", msg)
-            return
-        raise MapperMismatchError(msg + ". Pass force=True to apply it anyway.")
 
     def save(self, folder) -> None:
         from xferlens.mappers.io import save_mapper

@@ -16,20 +16,14 @@ import torch
 
 from xferlens.distributed import active, all_reduce_, balanced_owner, collectively, is_main, world_size
 from xferlens.distributed import rank as _rank
+from xferlens.identity import ModelId
 from xferlens.mappers.base import Mapper, MapperConfig, MapperMismatchError, PairSource, mapper_class
 
 logger = logging.getLogger(__name__)
 
 
 def _side_meta(meta: dict, role: str) -> dict:
-    return {
-        "name": meta.get(f"{role}_model"),
-        "weights": meta.get(f"{role}_fingerprint"),
-        "tokenizer": meta.get(f"{role}_tokenizer"),
-        "d_model": meta.get(f"{role}_d_model"),
-        "n_layers": meta.get(f"{role}_n_layers"),
-        "hook": meta.get(f"{role}_hook"),
-    }
+    return {**ModelId.read(meta, role).to_dict(), "hook": meta.get(f"{role}_hook")}
 
 
 def rank_part(source: PairSource, rank: int | None = None, world: int | None = None) -> PairSource:

@@ -53,27 +53,28 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from xferlens.identity import identity_differences
+from xferlens.identity import ModelId
 from xferlens.mappers.base import Mapper
 from xferlens.steering.vector import SteeringMismatchError, SteeringVector
 
 
 def _check_source(vector: SteeringVector, mapper: Mapper, hook: str) -> None:
     src = mapper.meta.get("src") or {}
-    recorded = {k: v for k, v in src.items() if k != "hook" and v is not None}
-    diffs = identity_differences(recorded, vector.model, "source model")
+    extra = []
     if src.get("hook") and src["hook"] != hook:
-        diffs.append(f"hook: the mapper reads {src['hook']}, the vector is at {hook}")
+        extra.append(f"hook: the mapper reads {src['hook']}, the vector is at {hook}")
     if vector.direction(hook).shape[0] != mapper.d_src:
-        diffs.append(
+        extra.append(
             f"width: the mapper expects d_src={mapper.d_src}, "
             f"the vector has {vector.direction(hook).shape[0]}"
         )
-    if diffs:
-        raise SteeringMismatchError(
-            f"this vector ({vector.model.get('name')} {hook}) is not in the mapper's source space: "
-            + "; ".join(diffs)
-        )
+    ModelId.read(mapper.meta, "src").check(
+        vector.model,
+        what=f"this vector ({vector.model.get('name')} {hook}) is not in the mapper's source space",
+        role="source model",
+        extra=extra,
+        error=SteeringMismatchError,
+    )
 
 
 @torch.no_grad()

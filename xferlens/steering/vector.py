@@ -7,7 +7,6 @@ transferred vector, mapped into).
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from xferlens.artifacts import (
     write_artifact,
 )
 from xferlens.errors import ModelMismatchError
-from xferlens.identity import identity_differences, model_identity
+from xferlens.identity import ModelId
 
 FORMAT = "xferlens.steering/1"
 STEM = "vector"
@@ -134,22 +133,17 @@ class SteeringVector:
 
     def check_model(self, model: HookedTransformer, *, force: bool = False) -> None:
         """Refuse a model other than the one this vector belongs to (``force``: warn loudly)."""
-        diffs = identity_differences(
-            {k: v for k, v in self.model.items() if v is not None}, model_identity(model), "model"
-        )
         missing = [h for h in self.hooks if h not in model.hook_dict]
-        if missing:
-            diffs.append(f"hook(s) {missing} do not exist in {model.cfg.model_name}")
-        if not diffs:
-            return
-        msg = (
-            f"this steering vector belongs to {self.model.get('name')} "
-            f"(weights {self.model.get('weights')}), not the model given: " + "; ".join(diffs)
+        ModelId.read(self.model).check(
+            model,
+            what=f"this steering vector belongs to {self.model.get('name')} "
+            f"(weights {self.model.get('weights')}), not the model given",
+            blocking=[f"hook(s) {missing} do not exist in {model.cfg.model_name}"] if missing else [],
+            force=force,
+            error=SteeringMismatchError,
+            shout="APPLYING A STEERING VECTOR TO ANOTHER MODEL",
+            stacklevel=3,
         )
-        if force and not missing:
-            warnings.warn("APPLYING A STEERING VECTOR TO ANOTHER MODEL: " + msg, stacklevel=3)
-            return
-        raise SteeringMismatchError(msg + ("" if missing else ". Pass force=True to apply it anyway."))
 
     # ------------------------------------------------------------------ files
 
