@@ -37,9 +37,10 @@ def throughput() -> dict:
 
     from xferlens import data, load_model
     from xferlens.activations import cache_activations
+    from xferlens.identity import loaded_from
 
     model = load_model("smollm2-135m-instruct", device="cpu", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(model.xferlens_source["folder"], dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(loaded_from(model)["folder"], dtype=torch.float32).eval()
     corpus = data.default_corpus(None).texts
     long = [t for t in corpus if len(model.to_tokens(t)[0]) >= 130][:8]
     tokens = torch.stack([model.to_tokens(t)[0, :128] for t in long])
