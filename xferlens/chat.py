@@ -64,26 +64,26 @@ def generate_text(
     max_new_tokens: int = 32,
     chat: bool = False,
     system: str | None = None,
+    batch_size: int = 16,
 ) -> list[str]:
-    """Greedy continuations of each prompt (new text only, special tokens dropped).
+    """Greedy continuations of each prompt (new text only, special tokens dropped), each
+    ending at the tokenizer's EOS.
 
     With ``chat=True`` each prompt is an instruction wrapped by :func:`chat_prompts`.
-    Prompts run one at a time (no padding); batched steered generation is
-    ``xferlens.steering``'s job.
+    Prompts run ``batch_size`` at a time through :func:`xferlens.steering.generate`
+    (unsteered; left padding and a KV cache): a reply is the one the prompt gets alone.
     """
+    from xferlens.steering.generate import generate  # here: ``import xferlens`` stays light
+
     if isinstance(prompts, str):
         prompts = [prompts]
     texts = chat_prompts(model, prompts, system=system) if chat else list(prompts)
-    replies = []
-    for text in texts:
-        tokens = model.to_tokens(text)
-        out = model.generate(
-            tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            verbose=False,
-            stop_at_eos=True,
-        )
-        new = out[0, tokens.shape[1] :]
-        replies.append(model.tokenizer.decode(new, skip_special_tokens=True))
-    return replies
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    return generate(
+        model,
+        texts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_tokens=[] if eos is None else [eos],
+        progress=False,
+    )

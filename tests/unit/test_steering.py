@@ -375,6 +375,48 @@ def test_evaluate_steering_rows_controls_and_judge(tiny_tl):
     assert sweep.layers == [0, 2] and len(sweep.rates) == 2 and 0 <= sweep.none_rate <= 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_the_batched_generator_equals_a_one_prompt_greedy_loop(tiny_tl, arch):
+    """Reference: each prompt alone, no padding, no KV cache, a full forward pass per new
+    token. The batched generator (left padding, prompts of different lengths, one batch)
+    must give the same tokens, ``generate`` the same replies, and ``generate_text`` (which
+    stops at EOS only) the same text."""
+    from xferlens.activations.tokens import pad_batch, pad_id, tokenize
+    from xferlens.chat import generate_text
+    from xferlens.steering.generate import greedy_tokens, stop_token_ids
+
+    model = tiny_tl(arch)
+    prompts = ["a much longer prompt about dogs and cats", "hi", "the cat", "birds sing in the morning"]
+    n = 7
+
+    def by_hand(prompt: str, stops: list[int]) -> list[int]:
+        ids = model.to_tokens(prompt)[0].tolist()
+        new: list[int] = []
+        for _ in range(n):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt in stops:
+                break
+            new.append(nxt)
+        return new
+
+    stops = stop_token_ids(model)
+    want = [by_hand(p, stops) for p in prompts]
+    rows = tokenize(model, prompts).ids
+    assert len({len(r) for r in rows}) == len(prompts)  # every row padded differently
+    batch = pad_batch(model.tokenizer, rows, "left")
+    got = greedy_tokens(model, batch.tokens, n, stops, pad_id(model.tokenizer), batch.mask)
+    for g, w in zip(got.tolist(), want, strict=True):
+        assert g[: len(w)] == w
+        assert len(w) == n or g[len(w)] in stops
+    decode = model.tokenizer.decode
+    replies = [decode(w, skip_special_tokens=True) for w in want]
+    assert generate(model, prompts, max_new_tokens=n, batch_size=len(prompts), progress=False) == replies
+    eos_only = [decode(by_hand(p, [model.tokenizer.eos_token_id]), skip_special_tokens=True) for p in prompts]
+    assert generate_text(model, prompts, max_new_tokens=n, batch_size=3) == eos_only
+    assert hook_count(model) == 0
+
+
 def test_batched_generation_equals_hf_generate(tiny_tl, tiny_hf_folder):
     """Independent reference: HF ``generate`` (greedy, left padding, batched) on the
     same weights gives the same new tokens as our KV-cached loop."""

@@ -50,9 +50,14 @@ def generate(
     layers: Literal["all"] | Sequence[Layer] | None = None,
     force: bool = False,
     truncate: bool = False,
+    stop_tokens: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (new text only, special tokens dropped).
+
+    Every greedy continuation xferlens makes of a HookedTransformer comes from here:
+    batches of similar length, left-padded (:func:`~xferlens.activations.tokens.pad_batch`),
+    decoded by :func:`greedy_tokens`; a batched reply is the reply the prompt gets alone.
 
     Args:
         prompts: full prompt strings (chat-format them first with ``chat_prompts``).
@@ -64,6 +69,8 @@ def generate(
         truncate: a prompt whose tokens plus ``max_new_tokens`` exceed the model's context
             (``model.cfg.n_ctx``) is refused with an error naming it when false; when true
             it keeps its last tokens (and its BOS), with a warning.
+        stop_tokens: token ids that end a reply (not part of it); default
+            :func:`stop_token_ids` (EOS and the end-of-turn markers the tokenizer knows).
 
     Example:
         >>> generate(model, chat_prompts(model, ["Write a haiku"]), vector=v, alpha=4)  # doctest: +SKIP
@@ -80,7 +87,7 @@ def generate(
         model, tokenize(model, prompts, max_length=2**62, truncate=False), max_new_tokens, truncate
     )
     pad = pad_id(tok)
-    stops = stop_token_ids(model)
+    stops = stop_token_ids(model) if stop_tokens is None else [int(t) for t in stop_tokens]
     device = model.cfg.device
     replies: list[str] = [""] * len(prompts)
     bar = tqdm(
