@@ -193,6 +193,7 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     dist = out / "run"
     assert json.loads((dist / "status.json").read_text())["complete"]
     assert json.loads((dist / "mappers.json").read_text())["ranks"] == 2
+    assert json.loads((dist / "scores.json").read_text())["ranks"] == 2  # each rank scored its share
     assert not (dist / "mappers" / "pairs").exists()  # the pair shards are removed once fitted
 
     threads = torch.get_num_threads()
@@ -211,6 +212,12 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     assert (m2["rows"], m2["texts"], m2["coverage"]) == (m1["rows"], m1["texts"], m1["coverage"])
     for kind, h in m1["kinds"].items():
         assert m2["kinds"][kind]["val_mse"] == pytest.approx(h["val_mse"], rel=1e-5), kind
+    # the scores the ranks computed on their shares, joined in prompt order, are the one process's
+    d2, d1 = (json.loads((f / "scores.json").read_text())["dose_response"] for f in (dist, one))
+    assert d2["meta"]["prompts_fingerprint"] == d1["meta"]["prompts_fingerprint"]
+    assert d2["none"] == pytest.approx(d1["none"], abs=1e-4)
+    for lab, rows in d1["scores"].items():
+        assert torch.allclose(torch.tensor(d2["scores"][lab]), torch.tensor(rows), atol=1e-4), lab
 
 
 def test_a_rank_that_raises_fails_the_run_and_leaves_no_manifest(two_ranks):

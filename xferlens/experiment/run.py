@@ -23,8 +23,10 @@ Under torchrun (``torchrun --nproc-per-node N -m xferlens.cli run spec.yaml``; a
 of several ranks, see :mod:`xferlens.distributed`) every rank runs this function on a
 shared filesystem. The ``mappers`` step is data-parallel: each rank pairs its share of the
 texts into shards (``mappers/pairs``, removed once the maps are fitted) and the fits
-all-reduce their moments (the autoencoder trains under DistributedDataParallel). The other
-steps run on rank 0 while the other ranks wait. Only rank 0 writes ``status.json``, the
+all-reduce their moments (the autoencoder trains under DistributedDataParallel). The
+``scores`` step, most of a run's time, is split too: each rank scores a contiguous share of
+the held-out prompts and rank 0 joins them in order. The other steps run on rank 0 while
+the other ranks wait. Only rank 0 writes ``status.json``, the
 step records and ``report.md``; whether a step is done is rank 0's decision, so resuming
 recomputes nothing on any rank. A step that fails on any rank fails on every rank, and
 the step stays not done.
@@ -50,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("layers", "mappers", "report_cards", "vectors", "scores", "confirmation")
 #: steps whose work is split over the ranks under torchrun (the others run on rank 0)
-SPLIT_STEPS = ("mappers",)
+SPLIT_STEPS = ("mappers", "scores")
 
 # slices of the default corpus each use draws from, kept apart so nothing is scored on
 # the text it was fitted on
@@ -704,25 +706,40 @@ def _target_vectors(folder, tgt) -> dict:
     }
 
 
-def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict | None:
+    """Under torchrun every rank scores its contiguous share of the prompts (each prompt's
+    score does not depend on the others) and rank 0 joins them in prompt order."""
     from xferlens.evaluation.score import dose_response
 
-    src, tgt = mdl.get()
+    if xd.active():
+        with xd.collectively("loading the models"):
+            src, tgt = mdl.get()
+    else:
+        src, tgt = mdl.get()
     e = spec.evaluation
     vecs = _target_vectors(folder, tgt)
     trig = _trigger_positions(spec)
+    prompts = _chat(tgt, spec, sets["eval"])
+    share = xd.shard_indices(len(prompts)) if xd.active() else range(len(prompts))
     t0 = time.perf_counter()
-    dr = dose_response(
-        tgt,
-        _chat(tgt, spec, sets["eval"]),
-        vecs,
-        e.alphas,
-        e.openings,
-        seed=spec.seed,
-        positions=trig["add"] if trig is not None else "all",
-        batch_size=e.batch_size,
-        progress=progress,
-    )
+    dr = None
+    if len(share):
+        dr = dose_response(
+            tgt,
+            prompts[share.start : share.stop],
+            vecs,
+            e.alphas,
+            e.openings,
+            seed=spec.seed,
+            positions=trig["add"] if trig is not None else "all",
+            batch_size=e.batch_size,
+            progress=progress,
+        )
+    if xd.active():
+        parts = xd.all_gather_objects(dr.to_dict() if dr is not None else None)
+        if not xd.is_main():
+            return None
+        dr = _joined(parts, prompts)
     seconds = time.perf_counter() - t0
     fig = dr.plot(n_boot=e.bootstrap, seed=spec.seed)
     fig.savefig(folder / "figures" / "dose_response.png", dpi=110, bbox_inches="tight")
@@ -734,7 +751,24 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         "seconds": seconds,
         "prompt_conditions_per_s": n_cond * dr.n / seconds,
         "prompts": sets["eval"],
+        "ranks": xd.world_size() if xd.active() else 1,
     }
+
+
+def _joined(parts: list, prompts: list[str]):
+    """The ranks' dose-responses (``to_dict`` records, rank order) as one over ``prompts``."""
+    import numpy as np
+
+    from xferlens.activations.cache import texts_fingerprint
+    from xferlens.evaluation.dose import DoseResponse
+
+    got = [DoseResponse.from_dict(p) for p in parts if p is not None]
+    first = got[0]
+    none = np.concatenate([d.none for d in got])
+    scores = {lab: np.concatenate([d.scores[lab] for d in got], axis=1) for lab in first.labels}
+    meta = {**first.meta, "n_prompts": len(prompts), "prompts_fingerprint": texts_fingerprint(prompts)}
+    assert len(none) == len(prompts), "the ranks' shares do not cover the prompts"
+    return DoseResponse(first.alphas, none, scores, meta)
 
 
 def score_summary(spec: ExperimentSpec, dr) -> dict:
