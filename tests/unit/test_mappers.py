@@ -304,3 +304,51 @@ def test_live_pairs_equal_cached_pairs(tiny_tl):
     assert sorted(lv.ids) == torch.unique(mv.text_index).tolist() and len(lt) == len(mt)
     shuffled = torch.cat([x for x, _ in live.batches(7, shuffle=True, seed=0)])
     assert shuffled.shape == mem.src.shape and not torch.equal(shuffled, mem.src)
+
+
+def test_random_controls_are_seeded_and_shaped_like_what_they_control(linear_data):
+    from xferlens.mappers import MAPPERS, RandomMapper, random_direction_like, random_map_like
+
+    x, y = linear_data
+    m, _ = fit_mapper(make_pairs(x, y, meta={"src": {"hook": "a"}, "tgt": {"hook": "b"}}), progress=False)
+    r = random_map_like(m, seed=3)
+    assert isinstance(r, RandomMapper) and r.is_linear and "random" not in MAPPERS
+    assert (r.d_src, r.d_tgt, r.src_hook, r.tgt_hook) == (m.d_src, m.d_tgt, m.src_hook, m.tgt_hook)
+    assert r.meta["control"] == {"random_like": m.kind, "seed": 3}
+    # independent reference: a N(0, 1/d_src) matrix drawn from the seed, applied as x @ W
+    w = torch.randn(m.d_src, m.d_tgt, generator=torch.Generator().manual_seed(3)) / m.d_src**0.5
+    torch.testing.assert_close(r(x[:5]), x[:5] @ w)
+    torch.testing.assert_close(r.map_direction(x[0]), x[0] @ w)  # linear: M(v) - M(0)
+    assert torch.equal(random_map_like(m, seed=3).W, r.W) and not torch.equal(random_map_like(m, 4).W, r.W)
+    # a random direction: Gaussian, with the given direction's norm; a generator is one stream
+    v = torch.randn(m.d_src) * 7
+    a = random_direction_like(v, seed=1)
+    assert a.norm() == pytest.approx(float(v.norm()), rel=1e-6)
+    assert torch.equal(a, random_direction_like(v, seed=1))
+    assert not torch.equal(a, random_direction_like(v, seed=2))
+    g = torch.Generator().manual_seed(1)
+    first, second = random_direction_like(v, g), random_direction_like(v, g)
+    assert torch.equal(first, a) and not torch.equal(second, a)
+    h = torch.Generator().manual_seed(1)
+    ref = [torch.randn(m.d_src, generator=h) for _ in range(2)][1]
+    torch.testing.assert_close(second, ref / ref.norm() * v.norm())
+
+
+def test_map_direction_step_and_max_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g)
+    y = torch.relu(x @ torch.randn(6, 5, generator=g))
+    ae, _ = fit_mapper(make_pairs(x, y), "autoencoder", {"hidden": 16, "max_epochs": 2}, progress=False)
+    v = torch.randn(6, generator=g)
+    # defaults: the mean over every row of M(h + v) - M(h), as before
+    with torch.no_grad():
+        want = (ae(x + v) - ae(x)).double().mean(0).float()
+        torch.testing.assert_close(ae.map_direction(v, x), want)
+        # a push of step * v over the first rows, in units of v
+        h = x[:10]
+        want = ((ae(h + 0.3 * v) - ae(h)) / 0.3).double().mean(0).float()
+    torch.testing.assert_close(ae.map_direction(v, x, step=0.3, max_rows=10), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="step"):
+        ae.map_direction(v, x, step=0.0)
+    with pytest.raises(ValueError, match="max_rows"):
+        ae.map_direction(v, x, max_rows=0)

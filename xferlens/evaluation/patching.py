@@ -33,6 +33,7 @@ from xferlens.activations.tokens import length_batches, pad_batch, padding_side,
 from xferlens.evaluation.score import _final_logprobs
 from xferlens.evaluation.text import rouge_l
 from xferlens.mappers.base import Mapper
+from xferlens.mappers.controls import random_map_like
 
 CONDITIONS = ("mapped", "mean_ablation", "random_map")
 
@@ -141,13 +142,6 @@ class MapperReport:
 def _cell(text: str, n: int = 120) -> str:
     """``text`` as one markdown table cell: whitespace collapsed, pipes escaped, cut to ``n``."""
     return " ".join(text.split()).replace("|", "\\|")[:n]
-
-
-def _random_rows(src_rows: Tensor, mapped: Tensor, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(src_rows.shape[1], mapped.shape[1], generator=g)
-    out = (src_rows - src_rows.mean(0)) @ r
-    return out * (mapped.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def _reconstruction(pred: Tensor, y: Tensor) -> dict:
@@ -281,8 +275,11 @@ def evaluate_mappers(
         with torch.no_grad():
             mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
         replacements[f"{name}/mapped"] = mapped
-        if controls:
-            replacements[f"{name}/random_map"] = _random_rows(src_rows, mapped, seed)
+        if controls:  # a random map of the centred rows, each rescaled to its mapped row's norm
+            with torch.no_grad():
+                rand = random_map_like(mapper, seed)(src_rows - src_rows.mean(0))
+            scale = mapped.norm(dim=-1, keepdim=True) / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            replacements[f"{name}/random_map"] = rand * scale
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
     patch, n_pos, n_text_tokens = _patched_losses(
         tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress, positions == "last"

@@ -21,6 +21,7 @@ from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, pad_batch, tokenize
 from xferlens.evaluation.judges import judge_name, resolve_judge
 from xferlens.identity import model_identity
+from xferlens.mappers.controls import random_direction_like
 from xferlens.steering.apply import steer
 from xferlens.steering.build import diff_of_means
 from xferlens.steering.generate import generate
@@ -102,14 +103,11 @@ def select_by_behaviour(
 
 
 def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
-    """A random direction (Gaussian, then scaled) with the same norm at each hook."""
+    """A random direction (Gaussian, then scaled) with the same norm at each hook
+    (:func:`~xferlens.mappers.controls.random_direction_like`, one seeded stream)."""
     g = torch.Generator().manual_seed(seed)
-    dirs = {}
-    for h, v in vector.directions.items():
-        r = torch.randn(v.shape[0], generator=g)
-        dirs[h] = r / r.norm() * v.float().norm()
     return SteeringVector(
-        dirs,
+        {h: random_direction_like(v, g) for h, v in vector.directions.items()},
         dict(vector.model),
         {"method": "random", "seed": seed, "norm_of": vector.recipe.get("method")},
         dict(vector.act_norm),

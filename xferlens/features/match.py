@@ -7,8 +7,8 @@ source rows for nonlinear maps) and compared with every unit decoder direction o
 target SAE. Its **partner** is the target feature with the highest cosine.
 
 Two measures per feature, both also computed for a **random map** control (a Gaussian
-matrix with the mapper's shape, seeded), so that "how often would chance do this" is in
-the same table:
+matrix with the mapper's shape, seeded: :func:`~xferlens.mappers.controls.random_map_like`),
+so that "how often would chance do this" is in the same table:
 
 - ``cosine``: decoder-direction cosine with the partner (the headline rate counts live
   features with ``cosine >= threshold``, 0.5 unless you say otherwise, stated in reports);
@@ -27,6 +27,7 @@ from torch import Tensor
 from xferlens.activations.align import Pairs
 from xferlens.features.sae import TrainedSAE
 from xferlens.mappers.base import Mapper
+from xferlens.mappers.controls import random_map_like
 
 
 @torch.no_grad()
@@ -38,42 +39,27 @@ def map_directions(
     step: float | None = None,
     max_rows: int = 64,
 ) -> Float[Tensor, "n d_tgt"]:
-    """Images of ``directions`` under ``mapper``, as unit vectors.
+    """Images of ``directions`` under ``mapper`` (:meth:`Mapper.map_direction`), as unit vectors.
 
     Linear maps: ``M(d) - M(0)``. Nonlinear maps: the mean over (at most ``max_rows``)
     ``source_rows`` ``h`` of ``M(h + step * d) - M(h)``, with ``step`` default the mean
-    row norm of ``source_rows`` divided by 4 (a feature-sized push, not an infinitesimal
+    row norm of those rows divided by 4 (a feature-sized push, not an infinitesimal
     one: the map is only trained where the model's activations live).
     """
-    d = directions.float()  # the mapper moves inputs to its device and back
-    if mapper.is_linear:
-        out = mapper(d) - mapper(torch.zeros_like(d[:1]))
-    else:
+    d = directions.float()
+    if len(d) == 0:
+        return torch.zeros(0, mapper.d_tgt)
+    if not mapper.is_linear:
         if source_rows is None or len(source_rows) == 0:
             raise ValueError(
                 f"a {mapper.kind} mapper is nonlinear: map_directions needs source_rows "
                 "([m, d_src] real source activations, e.g. pairs.src)"
             )
-        h = source_rows[:max_rows].to(device=d.device, dtype=torch.float32)
-        s = float(step) if step is not None else float(h.norm(dim=1).mean()) / 4
-        base = mapper(h)
-        out = torch.stack([(mapper(h + s * di) - base).mean(0) for di in d])
-    return (out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu()
-
-
-class _RandomLinear(Mapper):
-    """A seeded Gaussian matrix with the mapper's shape: the control map."""
-
-    kind = "random"
-    is_linear = True
-
-    def __init__(self, d_src: int, d_tgt: int, seed: int):
-        super().__init__(d_src, d_tgt)
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("W", torch.randn(d_src, d_tgt, generator=g) / d_src**0.5)
-
-    def _map(self, x: Tensor) -> Tensor:
-        return x @ self.W
+        if step is None:
+            step = float(source_rows[:max_rows].float().norm(dim=1).mean()) / 4
+    step = 1.0 if step is None else step  # a linear map ignores it
+    out = torch.stack([mapper.map_direction(di, source_rows, step=step, max_rows=max_rows).cpu() for di in d])
+    return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass
@@ -199,7 +185,7 @@ def feature_transfer(
     src_dirs = src_sae.directions().cpu()[live]
     tgt_dirs = tgt_sae.directions().cpu()
     out = {}
-    maps = {"": mapper, "random_": _RandomLinear(mapper.d_src, mapper.d_tgt, seed)}
+    maps = {"": mapper, "random_": random_map_like(mapper, seed)}
     for prefix, m in maps.items():
         mapped = map_directions(src_dirs, m, source_rows=pairs.src)
         partner, cos = _partners(mapped, tgt_dirs)

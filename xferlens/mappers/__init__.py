@@ -16,6 +16,7 @@ from xferlens.mappers.base import (
     PairSource,
     register,
 )
+from xferlens.mappers.controls import RandomMapper, random_direction_like, random_map_like
 from xferlens.mappers.fit import fit_mapper
 from xferlens.mappers.io import MapperFileError, load_mapper, save_mapper
 from xferlens.mappers.orthogonal import OrthogonalConfig, OrthogonalMapper
@@ -34,8 +35,11 @@ __all__ = [
     "OrthogonalConfig",
     "OrthogonalMapper",
     "PairSource",
+    "RandomMapper",
     "fit_mapper",
     "load_mapper",
+    "random_direction_like",
+    "random_map_like",
     "register",
     "save_mapper",
 ]

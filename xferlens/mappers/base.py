@@ -9,6 +9,7 @@ kind needs no change anywhere else.
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -132,13 +133,23 @@ class Mapper(nn.Module):
         v: Float[Tensor, " d_src"],
         source_rows: Float[Tensor, "n d_src"] | None = None,
         method: str = "auto",
+        *,
+        step: float = 1.0,
+        max_rows: int | None = None,
     ) -> Float[Tensor, " d_tgt"]:
         """A source-space direction (a difference of activations) carried into the target space.
 
         ``"linear"`` (``auto`` for affine maps): ``M(v) - M(0)``, exact when ``M(x + v) - M(x)``
         does not depend on ``x``. ``"mean_difference"`` (``auto`` otherwise): the mean over
         ``source_rows`` (real source activations at the map's source hook) of
-        ``M(h + v) - M(h)``. Returned in float32 on the mapper's device.
+        ``(M(h + step * v) - M(h)) / step``. Returned in float32 on the mapper's device.
+
+        Args:
+            step: how far along ``v`` the rows are pushed (``"mean_difference"`` only; the
+                result stays in units of ``v``). The default pushes by ``v`` itself, right
+                for a steering vector; a unit direction (an SAE feature) wants a push of
+                the size of a feature, e.g. a quarter of the rows' mean norm.
+            max_rows: use only the first ``max_rows`` of ``source_rows`` (``None``: all).
         """
         if v.ndim != 1 or v.shape[0] != self.d_src:
             raise MapperMismatchError(
@@ -153,6 +164,12 @@ class Mapper(nn.Module):
             return (self(v.unsqueeze(0)) - self(torch.zeros_like(v).unsqueeze(0)))[0]
         if method != "mean_difference":
             raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
+        if not step > 0 or not math.isfinite(step):
+            raise ValueError(f"step must be a positive finite number, got {step}")
+        if max_rows is not None:
+            if max_rows < 1:
+                raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+            source_rows = source_rows[:max_rows] if source_rows is not None else None
         if source_rows is None or source_rows.ndim != 2 or len(source_rows) == 0:
             raise ValueError(
                 f"method='mean_difference' (the default for a {self.kind} mapper) needs source_rows: "
@@ -162,10 +179,11 @@ class Mapper(nn.Module):
         if not torch.isfinite(source_rows).all():
             raise ValueError("source_rows has NaN or inf entries")
         total = torch.zeros(self.d_tgt, dtype=torch.float64, device=p.device)
+        push = v if step == 1.0 else step * v
         for chunk in source_rows.split(4096):
             h = chunk.to(device=p.device, dtype=torch.float32)
-            total += (self(h + v) - self(h)).double().sum(0)
-        return (total / len(source_rows)).float()
+            total += (self(h + push) - self(h)).double().sum(0)
+        return (total / (len(source_rows) * step)).float()
 
     @torch.no_grad()
     def shrinkage(
