@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from einops import repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -171,8 +172,9 @@ def iter_activations(
                     padding_side(model.tokenizer, "right"),
                 ):
                     model(tokens.to(device), stop_at_layer=stop, return_type=None)
-                rows_text = torch.tensor([c0 + i for i in batch]).unsqueeze(1).expand_as(select)[select]
-                rows_pos = torch.arange(width).unsqueeze(0).expand_as(select)[select]
+                # select is [b, pos]: each selected cell is one row, with its text and column
+                rows_text = repeat(torch.tensor([c0 + i for i in batch]), "b -> b pos", pos=width)[select]
+                rows_pos = repeat(torch.arange(width), "pos -> b pos", b=len(batch))[select]
                 yield {
                     "acts": {h: captured[h] for h in names},
                     "text_index": rows_text,

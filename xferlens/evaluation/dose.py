@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from einops import reduce
 
 C_MAX = 2.5
 C_STEP = 0.005
@@ -180,12 +181,14 @@ class DoseResponse:
             raise KeyError(f"no condition {label!r}; have {['none', *self.labels]}")
         if idx is None:
             none = self.none.mean()
-            rest = self.scores[label].mean(1) if label != "none" else np.full(len(self.alphas), none)
-            return np.concatenate([[none], rest])
-        none = self.none[idx].mean(1)
+            if label == "none":
+                return np.full(len(self.alphas) + 1, none)
+            return np.concatenate([[none], reduce(self.scores[label], "alpha prompt -> alpha", "mean")])
+        # idx: [boot, prompt] resampled prompt indices, the same for every condition
+        none = reduce(self.none[idx], "boot prompt -> boot", "mean")
         if label == "none":
             return np.repeat(none[:, None], len(self.alphas) + 1, axis=1)
-        rest = self.scores[label][:, idx].mean(2).T  # [B, K]
+        rest = reduce(self.scores[label][:, idx], "alpha boot prompt -> boot alpha", "mean")
         return np.concatenate([none[:, None], rest], axis=1)
 
     def peak(self, label: str) -> float:
@@ -235,7 +238,7 @@ class DoseResponse:
         none = sig(self.none).mean()
         if label == "none":
             return np.full(len(self.alphas) + 1, none)
-        return np.concatenate([[none], sig(self.scores[label]).mean(1)])
+        return np.concatenate([[none], reduce(sig(self.scores[label]), "alpha prompt -> alpha", "mean")])
 
     # ------------------------------------------------------------ views
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -269,7 +270,10 @@ def evaluate_mappers(
         by_hook = {h: p.select(_last_rows(p, len(texts))) for h, p in by_hook.items()}
     pairs = by_hook[src_hooks[0]]
     tgt_rows = pairs.tgt.float()
-    replacements = {"mean_ablation": tgt_rows.mean(0, keepdim=True).expand_as(tgt_rows)} if controls else {}
+    replacements = {}
+    if controls:  # every row replaced by the mean target row
+        mean_row = reduce(tgt_rows, "row d -> d", "mean")
+        replacements["mean_ablation"] = repeat(mean_row, "d -> row d", row=len(tgt_rows))
     for name, mapper in mappers.items():
         src_rows = by_hook[mapper.src_hook].src.float()
         with torch.no_grad():
@@ -277,7 +281,7 @@ def evaluate_mappers(
         replacements[f"{name}/mapped"] = mapped
         if controls:  # a random map of the centred rows, each rescaled to its mapped row's norm
             with torch.no_grad():
-                rand = random_map_like(mapper, seed)(src_rows - src_rows.mean(0))
+                rand = random_map_like(mapper, seed)(src_rows - reduce(src_rows, "row d -> d", "mean"))
             scale = mapped.norm(dim=-1, keepdim=True) / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             replacements[f"{name}/random_map"] = rand * scale
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
@@ -365,7 +369,7 @@ def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_
             patched[r, pos] = True
             rows_at[r, pos] = rows
         # score position t on token t+1 when t was patched and t+1 is a real token
-        has_next = torch.arange(width).unsqueeze(0) < padded.last.unsqueeze(1)
+        has_next = rearrange(torch.arange(width), "pos -> 1 pos") < rearrange(padded.last, "b -> b 1")
         score = patched if last else patched & has_next  # last: KL of the next-token distribution only
         nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
         score_dev = score.to(device)

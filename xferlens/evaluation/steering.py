@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import texts_fingerprint
@@ -64,7 +65,7 @@ def perplexity(
             logits = model(tokens, attention_mask=real.long())
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         tgt = tokens[:, 1:]
-        lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        lp = rearrange(logp.gather(-1, rearrange(tgt, "b p -> b p 1")), "b p 1 -> b p")
         keep = real[:, 1:] & real[:, :-1]
         nll -= float(lp[keep].double().sum())
         count += int(keep.sum())

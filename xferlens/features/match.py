@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from einops import reduce
 from jaxtyping import Float
 from torch import Tensor
 
@@ -144,10 +145,12 @@ def _partners(mapped: Tensor, tgt_dirs: Tensor) -> tuple[Tensor, Tensor]:
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
     """Column-wise Pearson correlation of ``a[:, j]`` with ``b[:, j]`` (0 where constant)."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
+    a = a - reduce(a, "row f -> f", "mean")
+    b = b - reduce(b, "row f -> f", "mean")
     den = a.norm(dim=0) * b.norm(dim=0)
-    return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-12), torch.zeros_like(den))
+    return torch.where(
+        den > 0, reduce(a * b, "row f -> f", "sum") / den.clamp_min(1e-12), torch.zeros_like(den)
+    )
 
 
 @torch.no_grad()
@@ -181,7 +184,7 @@ def feature_transfer(
             raise ValueError(f"the {role} SAE reads {sae.hook} but the mapper's {role} hook is {hook}")
     f_src = src_sae.encode(pairs.src).float().cpu()
     f_tgt = tgt_sae.encode(pairs.tgt).float().cpu()
-    live = torch.nonzero((f_src > 0).any(0)).flatten()
+    live = torch.nonzero(reduce(f_src > 0, "row f -> f", "any")).flatten()
     src_dirs = src_sae.directions().cpu()[live]
     tgt_dirs = tgt_sae.directions().cpu()
     out = {}

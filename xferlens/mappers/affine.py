@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from xferlens.distributed import all_gather_objects, collectively, is_main, shard_indices
@@ -101,7 +102,8 @@ class AffineMapper(Mapper):
 
     def set_solution(self, w: Tensor, b: Tensor) -> "AffineMapper":
         with torch.no_grad():
-            self.linear.weight.copy_(w.T.to(self.linear.weight.dtype))
+            # nn.Linear stores W transposed: [d_tgt, d_src]
+            self.linear.weight.copy_(rearrange(w, "d_src d_tgt -> d_tgt d_src").to(self.linear.weight.dtype))
             self.linear.bias.copy_(b.to(self.linear.bias.dtype))
         return self
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -92,7 +93,7 @@ class AutoencoderMapper(Mapper):
             self.scale_tgt.fill_(sy)
             if self.skip is not None and w is not None:
                 # y = x W + b  =>  yn = xn (sx / sy) W + (mean_x W + b - mean_y) / sy
-                self.skip.weight.copy_((w * (sx / sy)).T.float())
+                self.skip.weight.copy_(rearrange(w * (sx / sy), "d_src d_tgt -> d_tgt d_src").float())
                 self.skip.bias.copy_(((m.mean_x @ w + b - m.mean_y) / sy).float())
                 self.decoder.weight.zero_()
                 self.decoder.bias.zero_()

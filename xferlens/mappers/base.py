@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from einops import rearrange, reduce
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -161,7 +162,8 @@ class Mapper(nn.Module):
         p = next(iter([*self.parameters(), *self.buffers()]))
         v = v.to(device=p.device, dtype=torch.float32)
         if method == "linear":
-            return (self(v.unsqueeze(0)) - self(torch.zeros_like(v).unsqueeze(0)))[0]
+            one_row = rearrange(v, "d -> 1 d")
+            return rearrange(self(one_row) - self(torch.zeros_like(one_row)), "1 d -> d")
         if method != "mean_difference":
             raise ValueError(f"method must be 'auto', 'linear' or 'mean_difference', not {method!r}")
         if not step > 0 or not math.isfinite(step):
@@ -182,7 +184,7 @@ class Mapper(nn.Module):
         push = v if step == 1.0 else step * v
         for chunk in source_rows.split(4096):
             h = chunk.to(device=p.device, dtype=torch.float32)
-            total += (self(h + push) - self(h)).double().sum(0)
+            total += reduce((self(h + push) - self(h)).double(), "row d -> d", "sum")
         return (total / (len(source_rows) * step)).float()
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -80,7 +81,7 @@ def _mask_for(mask: Tensor | None, act: Tensor, hook_name: str) -> Tensor | None
         raise ValueError(f"position mask is for a batch of {mask.shape[0]}, the input has {batch} sequences")
     full = torch.zeros(mask.shape[0], length, dtype=torch.bool, device=act.device)
     full[:, :width] = mask.to(act.device)
-    return full.unsqueeze(-1)
+    return rearrange(full, "b pos -> b pos 1")
 
 
 def _add_hook(v: Tensor, alpha: float, mask: Tensor | None) -> Callable:

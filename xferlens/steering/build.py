@@ -17,6 +17,7 @@ weighs the same, however many positions it contributes.
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange, reduce
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -78,7 +79,7 @@ def text_means(
         sums = torch.zeros(len(texts), rows.shape[1], dtype=torch.float64).index_add_(
             0, acts.text_index, rows
         )
-        means[h] = (sums / counts.unsqueeze(1)).float()
+        means[h] = (sums / rearrange(counts, "text -> text 1")).float()
         norms[h] = float(rows.norm(dim=1).mean())
     return means, norms
 
@@ -141,7 +142,7 @@ def diff_of_means(
         model, positive, negative, hooks, positions, drop_special, batch_size, progress
     )
     return SteeringVector(
-        {h: mp[h].mean(0) - mn[h].mean(0) for h in names},
+        {h: reduce(mp[h], "text d -> d", "mean") - reduce(mn[h], "text d -> d", "mean") for h in names},
         model_identity(model),
         _recipe("diff_of_means", positive, negative, positions, drop_special),
         norm,
@@ -174,7 +175,7 @@ def prompt_pair(
         model, positive, negative, hooks, positions, drop_special, batch_size, progress
     )
     return SteeringVector(
-        {h: (mp[h] - mn[h]).mean(0) for h in names},
+        {h: reduce(mp[h] - mn[h], "pair d -> d", "mean") for h in names},
         model_identity(model),
         _recipe("prompt_pair", positive, negative, positions, drop_special),
         norm,
@@ -206,7 +207,7 @@ def pca_of_differences(
     out = {}
     for h in names:
         d = (mp[h] - mn[h]).double()
-        mean = d.mean(0)
+        mean = reduce(d, "pair d -> d", "mean")
         _, _, vt = torch.linalg.svd(d - mean, full_matrices=False)
         u = vt[0]
         proj = float(mean @ u)
