@@ -1,4 +1,5 @@
-"""Shared jaxtyping aliases for tensors that cross module boundaries.
+"""Shared jaxtyping aliases for tensors that cross module boundaries, and the ``Report``
+protocol every evaluation result follows.
 
 Every public function annotates its tensor arguments with these aliases; the test suite
 checks them at run time (``--jaxtyping-packages=xferlens,beartype.beartype``), so a shape
@@ -7,6 +8,8 @@ mismatch fails loudly in tests instead of silently broadcasting.
 Do not turn on postponed evaluation of annotations (the ``__future__`` import) in modules
 that use these: it makes the annotations strings and the run-time checks silently stop.
 """
+
+from typing import Any, Protocol, runtime_checkable
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -35,6 +38,21 @@ CharSpans = Int[Tensor, "n 2"]
 SrcRows = Float[Tensor, "n d_src"]
 TgtRows = Float[Tensor, "n d_tgt"]
 
+
+
+@runtime_checkable
+class Report(Protocol):
+    """What every evaluation result offers (``MapperReport``, ``SteeringReport``,
+    ``LayerSweep``, ``LayerScores``, ``DoseResponse``, ``FeatureTransfer``): a markdown table,
+    the same table as a pandas DataFrame (one row per table row), and a matplotlib figure."""
+
+    def to_markdown(self) -> str: ...
+
+    def to_frame(self) -> Any: ...
+
+    def plot(self, ax: Any = None) -> Any: ...
+
+
 __all__ = [
     "CharSpans",
     "Direction",
@@ -42,6 +60,7 @@ __all__ = [
     "LogProbs",
     "Logits",
     "Mask",
+    "Report",
     "Resid",
     "RowIndex",
     "Rows",

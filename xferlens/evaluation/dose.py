@@ -259,6 +259,26 @@ class DoseResponse:
             d.get("meta", {}),
         )
 
+    def to_frame(self, n_boot: int = 1000, seed: int = 0):
+        """The markdown table as a DataFrame: one row per condition (``none`` first), columns
+        ``(stat, alpha)`` for stat in ``mean``, ``ci_low``, ``ci_high``, ``p`` (mean P(opening));
+        ``frame["mean"]`` is the conditions-by-alphas table. The ``none`` row repeats the
+        unsteered figures at every alpha."""
+        import pandas as pd
+
+        rows = {}
+        for lab in ["none", *self.labels]:
+            m, iv, pr = (
+                self.curve(lab)[1:],
+                self.intervals(lab, n_boot, seed)[1:],
+                self.mean_probability(lab)[1:],
+            )
+            rows[lab] = {"mean": m, "ci_low": iv[:, 0], "ci_high": iv[:, 1], "p": pr}
+        stats = ["mean", "ci_low", "ci_high", "p"]
+        columns = pd.MultiIndex.from_product([stats, list(self.alphas)], names=["stat", "alpha"])
+        data = [np.concatenate([rows[lab][s] for s in stats]) for lab in rows]
+        return pd.DataFrame(data, index=pd.Index(list(rows), name="condition"), columns=columns)
+
     def to_markdown(self, n_boot: int = 1000, seed: int = 0) -> str:
         """Mean log-odds with 95 % intervals (and mean P(opening)) per condition and alpha."""
         head = "| condition | " + " | ".join(f"alpha {a:g}" for a in self.alphas) + " |"

@@ -62,6 +62,34 @@ class LayerScores:
         j = self.tgt_layers.index(tgt_layer)
         return self.src_layers[int(np.argmax(self.scores[:, j]))]
 
+    def to_frame(self):
+        """``scores`` as a DataFrame: a row per source layer, a column per target layer."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            self.scores,
+            index=pd.Index(self.src_layers, name="src_layer"),
+            columns=pd.Index(self.tgt_layers, name="tgt_layer"),
+        )
+
+    def to_markdown(self) -> str:
+        """The score table: a row per source layer, a column per target layer; the best
+        source layer for each target layer in bold."""
+        best = np.argmax(self.scores, axis=0)
+        lines = [
+            f"Layer-pair {self.method}, {self.src_model} (rows) -> {self.tgt_model} (columns), "
+            f"{self.n_rows:,} paired tokens.",
+            "",
+            "| source layer | " + " | ".join(f"tgt {t}" for t in self.tgt_layers) + " |",
+            "|" + "---|" * (len(self.tgt_layers) + 1),
+        ]
+        for i, ls in enumerate(self.src_layers):
+            cells = [
+                f"**{x:.3f}**" if best[j] == i else f"{x:.3f}" for j, x in enumerate(self.scores[i].tolist())
+            ]
+            lines.append(f"| {ls} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
     def plot(self, ax=None, mark: Sequence[tuple[int, int]] = ()):
         import matplotlib.pyplot as plt
 

@@ -41,7 +41,8 @@ CONDITIONS = ("mapped", "mean_ablation", "random_map")
 
 @dataclass
 class MapperReport:
-    """What :func:`evaluate_mapper` measured; ``to_markdown()``, ``plot()``, ``to_dict()``."""
+    """What :func:`evaluate_mapper` measured; ``to_markdown()``, ``to_frame()``, ``plot()``,
+    ``to_dict()``."""
 
     mapper: dict
     n_texts: int
@@ -82,6 +83,26 @@ class MapperReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kl_ratio": self.kl_ratio, "rouge_l_mean": self.rouge_l}
+
+    def to_frame(self):
+        """The markdown's replacement table as a DataFrame: one row per replacement
+        (``mapped``, ``mean_ablation``, ``random_map``) with its reconstruction and patching
+        figures. The completions are in ``generations``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                {
+                    "replacement": c,
+                    "fvu": self.reconstruction[c]["fvu"],
+                    "cosine": self.reconstruction[c]["cosine"],
+                    "mse": self.reconstruction[c].get("mse"),
+                    "ce": self.patching[c]["ce"],
+                    "kl": self.patching[c]["kl"],
+                }
+                for c in CONDITIONS
+            ]
+        )
 
     def to_markdown(self, completions: int = 3) -> str:
         m = self.mapper

@@ -117,7 +117,8 @@ def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
 
 @dataclass
 class SteeringReport:
-    """Hit rates (and perplexities) per condition; ``to_markdown()``, ``plot()``, ``to_dict()``."""
+    """Hit rates (and perplexities) per condition; ``to_markdown()``, ``to_frame()``, ``plot()``,
+    ``to_dict()``."""
 
     rows: list[dict]
     meta: dict = field(default_factory=dict)
@@ -148,6 +149,24 @@ class SteeringReport:
 
     def to_dict(self) -> dict:
         return {"meta": self.meta, "rows": self.rows}
+
+    def to_frame(self):
+        """One row per condition and alpha (the markdown table's rows), as a pandas DataFrame;
+        the unsteered row ``none`` has alpha 0."""
+        import pandas as pd
+
+        keys = ("label", "alpha", "norm", "rate", "n", "perplexity")
+        return pd.DataFrame(
+            [
+                {
+                    **{k: r.get(k) for k in keys},
+                    "ci_low": r["ci"][0],
+                    "ci_high": r["ci"][1],
+                }
+                for r in self.rows
+            ],
+            columns=["label", "alpha", "norm", "rate", "ci_low", "ci_high", "n", "perplexity"],
+        )
 
     def to_markdown(self, examples: int = 0) -> str:
         judge = self.meta.get("judge", "judge")
@@ -311,6 +330,15 @@ class LayerSweep:
         """The deepest layer whose hit rate reaches ``threshold``."""
         ok = [lay for lay, r in zip(self.layers, self.rates, strict=True) if r >= threshold]
         return max(ok) if ok else None
+
+    def to_frame(self):
+        """One row per layer and a last row for the unsteered model (``layer`` missing), as
+        in the markdown table."""
+        import pandas as pd
+
+        df = pd.DataFrame({"layer": [*self.layers, None], "rate": [*self.rates, self.none_rate]})
+        df["layer"] = df["layer"].astype("Int64")
+        return df
 
     def to_markdown(self) -> str:
         lines = ["| layer | rate |", "|---|---|"]

@@ -102,6 +102,12 @@ class FeatureTransfer:
             for t in thresholds
         ]
 
+    def to_frame(self, thresholds=(0.3, 0.5, 0.7)):
+        """:meth:`table` as a DataFrame: one row per threshold, as in the markdown."""
+        import pandas as pd
+
+        return pd.DataFrame(self.table(thresholds))
+
     def to_markdown(self, thresholds=(0.3, 0.5, 0.7)) -> str:
         lines = [
             f"{len(self.features)} live of {self.n_source_features} source features",
