@@ -39,7 +39,6 @@ SrcRows = Float[Tensor, "n d_src"]
 TgtRows = Float[Tensor, "n d_tgt"]
 
 
-
 @runtime_checkable
 class Report(Protocol):
     """What every evaluation result offers (``MapperReport``, ``SteeringReport``,

@@ -10,7 +10,7 @@ from xferlens.activations.cache import (
     save_activation_set,
     token_rows,
 )
-from xferlens.activations.hooks import resid_post, resolve_hooks
+from xferlens.activations.hooks import hook_name, resid_post, resolve_hooks
 from xferlens.activations.live import LivePairs
 from xferlens.activations.pair_shards import PairShards, pairs_to_disk
 from xferlens.activations.shards import ShardedActivations, ShardError, cache_to_disk
@@ -27,6 +27,7 @@ __all__ = [
     "iter_activations",
     "load_activation_set",
     "positions",
+    "hook_name",
     "resid_post",
     "resolve_hooks",
     "save_activation_set",

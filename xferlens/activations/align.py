@@ -24,6 +24,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import ActivationSet, cache_activations, texts_fingerprint
+from xferlens.activations.hooks import Layer, hook_name
 from xferlens.activations.positions import Selector
 from xferlens.identity import ModelId
 from xferlens.types import RowIndex, SrcRows, TgtRows
@@ -184,8 +185,12 @@ def match_rows(src: ActivationSet, tgt: ActivationSet, alignment: str) -> tuple[
     return torch.tensor(src_rows, dtype=torch.long), torch.tensor(tgt_rows, dtype=torch.long)
 
 
-def align_sets(src: ActivationSet, tgt: ActivationSet, src_hook: str, tgt_hook: str, alignment: str) -> Pairs:
-    """Pair the rows of two activation sets over the same texts (see module docs)."""
+def align_sets(
+    src: ActivationSet, tgt: ActivationSet, src_hook: Layer | str, tgt_hook: Layer | str, alignment: str
+) -> Pairs:
+    """Pair the rows of two activation sets over the same texts (see module docs); hooks
+    by name or layer number."""
+    src_hook, tgt_hook = hook_name(src_hook), hook_name(tgt_hook)
     si, ti = match_rows(src, tgt, alignment)
     n_texts = len(src.texts)
     coverage = {"src": len(si) / max(1, len(src)), "tgt": len(ti) / max(1, len(tgt))}

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from xferlens.activations.hooks import HookSpec, resolve_hooks, stop_layer
+from xferlens.activations.hooks import HookSpec, Layer, hook_name, resolve_hooks, stop_layer
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, pad_batch, padding_side, tokenize
 from xferlens.identity import ModelId
@@ -59,12 +59,14 @@ class ActivationSet:
     def hooks(self) -> list[str]:
         return list(self.acts)
 
-    def rows(self, hook: str | None = None) -> HookRows:
-        """The activation matrix of ``hook`` (the only hook when there is one)."""
+    def rows(self, hook: Layer | str | None = None) -> HookRows:
+        """The activation matrix of ``hook`` (a hook name or a layer number; the only hook
+        when there is one)."""
         if hook is None:
             if len(self.acts) != 1:
                 raise ValueError(f"this set holds {len(self.acts)} hooks ({', '.join(self.acts)}); name one")
             hook = next(iter(self.acts))
+        hook = hook_name(hook)
         if hook not in self.acts:
             raise KeyError(f"hook {hook!r} not cached; cached: {', '.join(self.acts)}")
         return self.acts[hook]

@@ -1,4 +1,11 @@
-"""Turn layer numbers and hook names into validated TransformerLens hook names."""
+"""Turn layer numbers and hook names into validated TransformerLens hook names.
+
+Every public argument that says where in a model (``hooks=``, ``hook=``, ``src_hook=``,
+``layer=``, ``layers=``) takes either spelling: a layer number means that block's output,
+``blocks.{l}.hook_resid_post``; any other point is named by its hook name. With a model at
+hand, :func:`resolve_hooks` also checks that the names exist; without one (a vector's, a
+set's or a mapper's own hook names) :func:`hook_name` only spells them.
+"""
 
 import numbers
 import re
@@ -37,13 +44,42 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def hook_name(spec: Layer | str) -> str:
+    """A layer number as ``blocks.{l}.hook_resid_post``, a hook name as itself (no model to
+    check it against: use :func:`resolve_hooks` when there is one)."""
+    layer = layer_index(spec)
+    if layer is not None:
+        if layer < 0:
+            raise ValueError(f"layer {layer} is negative; pass a layer number 0..n_layers-1 or a hook name")
+        return resid_post(layer)
+    if not isinstance(spec, str):
+        raise TypeError(f"hook {spec!r} must be a layer number or a hook name, not a {type(spec).__name__}")
+    return spec
+
+
+def hook_names(hooks: HookSpec) -> list[str]:
+    """:func:`hook_name` of one spec or of each of a list (order kept, duplicates dropped)."""
+    items = [hooks] if _single(hooks) else list(hooks)
+    return list(dict.fromkeys(hook_name(h) for h in items))
+
+
+def hook_layer(name: str) -> int | None:
+    """The block a hook name belongs to (``blocks.3.attn.hook_z`` -> 3); ``None`` outside the
+    blocks (``hook_embed``, ``ln_final.hook_normalized``)."""
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _single(hooks: HookSpec) -> bool:
+    return isinstance(hooks, str | numbers.Number | np.bool_) or (
+        isinstance(hooks, torch.Tensor) and hooks.ndim == 0
+    )
+
+
 def resolve_hooks(model: HookedTransformer, hooks: HookSpec) -> list[str]:
     """Layer numbers (any integer type) become ``blocks.{l}.hook_resid_post``; names must
     exist in the model. Bools and floats are refused (``TypeError``)."""
-    single = isinstance(hooks, str | numbers.Number | np.bool_) or (
-        isinstance(hooks, torch.Tensor) and hooks.ndim == 0
-    )
-    items = [hooks] if single else list(hooks)
+    items = [hooks] if _single(hooks) else list(hooks)
     if not items:
         raise ValueError("no hook points given: pass a layer number or a hook name")
     n = model.cfg.n_layers

@@ -45,7 +45,7 @@ from xferlens.activations.cache import (
     storage_dtype,
     texts_fingerprint,
 )
-from xferlens.activations.hooks import HookSpec, resolve_hooks
+from xferlens.activations.hooks import HookSpec, hook_names, resolve_hooks
 from xferlens.activations.positions import Selector, describe
 from xferlens.distributed import (
     active,
@@ -440,14 +440,17 @@ class ShardedActivations:
         return read_verified_shard(self.folder, self.manifest["shards"][i])
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, hooks: Sequence[str] | None = None
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, hooks: HookSpec | None = None
     ) -> Iterator[dict]:
         """Batches of rows: ``{"acts": {hook: rows}, "text_index": ..., ...}``.
 
         ``shuffle`` visits shards in a random order and rows within each shard in a random
         order (memory: one shard). Ordered reading returns rows as written.
         """
-        names = list(hooks) if hooks is not None else self.hooks
+        names = hook_names(hooks) if hooks is not None else self.hooks
+        missing = [h for h in names if h not in self.hooks]
+        if missing:
+            raise KeyError(f"hook(s) {missing} not in these shards; stored: {', '.join(self.hooks)}")
         g = torch.Generator().manual_seed(seed)
         order = (
             torch.randperm(len(self.manifest["shards"]), generator=g).tolist()

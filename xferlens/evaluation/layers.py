@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from xferlens.activations import cache_activations, match_rows, resid_post, same_tokenizer
+from xferlens.activations.hooks import HookSpec, hook_layer, resolve_hooks
 from xferlens.activations.positions import Selector, from_token
 
 
@@ -154,13 +155,25 @@ def _ridge_r2(xs, ys, text_index: Tensor, ridge: float, progress: bool) -> np.nd
     return out
 
 
+def _block_outputs(model: HookedTransformer, layers: HookSpec) -> list[int]:
+    """Layer numbers of ``layers`` given as numbers or ``hook_resid_post`` names."""
+    names = resolve_hooks(model, layers)
+    other = [h for h in names if h != resid_post(hook_layer(h) or 0)]
+    if other:
+        raise ValueError(
+            f"layer_pair_scores compares block outputs (blocks.{{l}}.hook_resid_post); {other} are other "
+            "points: pass layer numbers or resid_post hook names"
+        )
+    return [hook_layer(h) for h in names]
+
+
 def layer_pair_scores(
     src: HookedTransformer,
     tgt: HookedTransformer,
     texts: Sequence[str],
     *,
-    src_layers: Sequence[int] | None = None,
-    tgt_layers: Sequence[int] | None = None,
+    src_layers: HookSpec | None = None,
+    tgt_layers: HookSpec | None = None,
     method: str = "cka",
     positions: Selector | None = None,
     max_rows: int = 4000,
@@ -170,6 +183,8 @@ def layer_pair_scores(
 ) -> LayerScores:
     """Score every (source layer, target layer) pair on ``texts`` (a small sample).
 
+    ``src_layers``, ``tgt_layers``: layer numbers or their ``blocks.{l}.hook_resid_post``
+    names (default: every layer); the scores compare block outputs.
     ``positions`` defaults to every real token but the first (see the code comment);
     pass ``"all"`` to keep it.
 
@@ -180,8 +195,8 @@ def layer_pair_scores(
     """
     if method not in ("cka", "ridge"):
         raise ValueError(f"method must be 'cka' or 'ridge', not {method!r}")
-    src_layers = list(range(src.cfg.n_layers)) if src_layers is None else list(src_layers)
-    tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else list(tgt_layers)
+    src_layers = list(range(src.cfg.n_layers)) if src_layers is None else _block_outputs(src, src_layers)
+    tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else _block_outputs(tgt, tgt_layers)
     # the first token is an attention sink with a huge norm in many models; left in, it
     # dominates every similarity score (CKA saturated at one value across half the layers)
     sel = from_token(1) if positions is None else positions

@@ -18,12 +18,13 @@ from einops import rearrange
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import texts_fingerprint
+from xferlens.activations.hooks import HookSpec, hook_layer, resolve_hooks
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, pad_batch, tokenize
 from xferlens.evaluation.judges import judge_name, resolve_judge
 from xferlens.identity import model_identity
 from xferlens.mappers.controls import random_direction_like
-from xferlens.steering.apply import steer
+from xferlens.steering.apply import Layers, steer
 from xferlens.steering.build import diff_of_means
 from xferlens.steering.generate import generate
 from xferlens.steering.vector import SteeringVector
@@ -48,7 +49,7 @@ def perplexity(
     vector: SteeringVector | None = None,
     alpha: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
-    layers=None,
+    layers: Layers | None = None,
     batch_size: int = 4,
     max_length: int = 128,
 ) -> float:
@@ -234,7 +235,7 @@ def evaluate_steering(
     mode: Literal["add", "ablate"] = "add",
     judge: str | Callable[[str], bool] = "refusal",
     positions: Literal["all", "prompt"] | Selector = "all",
-    layers=None,
+    layers: Layers | None = None,
     random_control: bool = True,
     ppl_texts: Sequence[str] | None = None,
     max_new_tokens: int = 48,
@@ -370,7 +371,7 @@ def steerability_sweep(
     positive: Sequence[str],
     negative: Sequence[str],
     prompts: Sequence[str],
-    layers: Sequence[int],
+    layers: HookSpec,
     *,
     alpha: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
@@ -382,12 +383,17 @@ def steerability_sweep(
 ) -> LayerSweep:
     """Build a difference-of-means vector at every layer (one caching pass) and measure the
     hit rate of applying each at its own layer: where in the model the behaviour can still
-    be steered (the paper's per-layer sweep)."""
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers is empty")
+    be steered (the paper's per-layer sweep).
+
+    ``layers``: layer numbers (their ``hook_resid_post``) or hook names inside the blocks;
+    the sweep's ``layers`` are their block numbers, ``meta["hooks"]`` their names.
+    """
+    names = resolve_hooks(model, layers)
+    outside = [h for h in names if hook_layer(h) is None]
+    if outside:
+        raise ValueError(f"steerability_sweep steers inside the blocks; {outside} belong to no layer")
     fn = resolve_judge(judge)
-    all_v = diff_of_means(model, positive, negative, hooks=layers, positions=positions)
+    all_v = diff_of_means(model, positive, negative, hooks=names, positions=positions)
     none = [
         fn(o)
         for o in generate(
@@ -414,5 +420,6 @@ def steerability_sweep(
         "mode": mode,
         "judge": judge_name(judge),
         "n_prompts": len(prompts),
+        "hooks": all_v.hooks,
     }
-    return LayerSweep(layers, rates, sum(none) / len(none), meta)
+    return LayerSweep([hook_layer(h) for h in all_v.hooks], rates, sum(none) / len(none), meta)

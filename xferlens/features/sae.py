@@ -32,6 +32,7 @@ from sae_lens.config import SAETrainerConfig
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import Layer, hook_name
 from xferlens.errors import ModelMismatchError
 from xferlens.identity import ModelId, model_identity
 
@@ -165,7 +166,7 @@ def _evaluate(sae: SAE, x: Tensor) -> dict:
 def train_sae(
     rows: Float[Tensor, "n d_in"],
     *,
-    hook: str,
+    hook: Layer | str,
     model: HookedTransformer | dict | None = None,
     expansion: int = 8,
     d_sae: int | None = None,
@@ -183,7 +184,8 @@ def train_sae(
     Args:
         rows: activations of one hook (leave out attention-sink positions: their huge
             norm would take the SAE's capacity; ``positions.content()`` does).
-        hook: the hook they came from (recorded; used to refuse other hooks later).
+        hook: the hook they came from, by name or layer number (recorded; used to refuse
+            other hooks later).
         model: the model (or its identity dict) they came from, recorded with the SAE.
         expansion, d_sae: dictionary size is ``d_sae`` or ``expansion * d_in``.
         k: active features per token.
@@ -199,6 +201,7 @@ def train_sae(
         raise ValueError(f"rows must be a non-empty [n, d_in] tensor, got shape {tuple(rows.shape)}")
     if not torch.isfinite(rows).all():
         raise ValueError("rows has NaN or inf entries; drop them before training an SAE")
+    hook = hook_name(hook)
     d_in = rows.shape[1]
     d_sae = d_sae or expansion * d_in
     if not 0 < k <= d_sae:

@@ -13,6 +13,7 @@ import re
 
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import resid_post
 from xferlens.errors import XferlensError
 from xferlens.steering.vector import SteeringVector
 
@@ -46,10 +47,6 @@ _RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
 
 class InteropError(XferlensError, ValueError):
     """A vector that cannot be expressed in (or read from) another library's format."""
-
-
-def resid_post(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def block_output_layer(hook: str, target: str) -> int:

@@ -24,10 +24,13 @@ from einops import rearrange
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from xferlens.activations.hooks import resid_post, resolve_hooks
+from xferlens.activations.hooks import HookSpec, resid_post, resolve_hooks
 from xferlens.steering.vector import SteeringVector
 
 Positions = Literal["all"] | Sequence[int] | Tensor
+#: where to apply a vector's single direction instead of its own hook(s): ``"all"`` (every
+#: residual-stream point), or layer numbers and hook names (one or a list)
+Layers = Literal["all"] | HookSpec
 Hook = tuple[str, Callable]
 
 
@@ -42,6 +45,10 @@ def every_resid_point(model: HookedTransformer) -> list[str]:
                 names.append(name)
     names.append(resid_post(model.cfg.n_layers - 1))
     return names
+
+
+def _is_all(layers: Layers) -> bool:
+    return isinstance(layers, str) and layers == "all"
 
 
 def _position_mask(positions: Positions) -> Tensor | None:
@@ -114,7 +121,7 @@ def steering_hooks(
     *,
     positions: Positions = "all",
     mode: Literal["add", "ablate"] = "add",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Layers | None = None,
     force: bool = False,
 ) -> list[Hook]:
     """Plain TransformerLens ``(hook_name, fn)`` pairs, for ``model.hooks(fwd_hooks=...)``
@@ -129,7 +136,7 @@ def steering_hooks(
         targets = [(h, vector.direction(h)) for h in vector.hooks]
     else:
         v = vector.direction()  # one direction, applied at several points
-        names = every_resid_point(model) if layers == "all" else resolve_hooks(model, list(layers))
+        names = every_resid_point(model) if _is_all(layers) else resolve_hooks(model, layers)
         targets = [(h, v) for h in names]
     out = []
     for name, v in targets:
@@ -152,7 +159,7 @@ def steer(
     *,
     positions: Positions = "all",
     mode: Literal["add", "ablate"] = "add",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Layers | None = None,
     force: bool = False,
 ) -> Iterator[HookedTransformer]:
     """Steer ``model`` inside a ``with`` block; every hook is removed on exit, exception or not.
@@ -164,9 +171,9 @@ def steer(
             (``ablate``; 1 removes the direction entirely).
         positions: ``"all"``, position indices, or a bool mask ``[batch, pos]`` (see module doc).
         mode: ``"add"`` or ``"ablate"``.
-        layers: ``None`` = the vector's own hook(s); a list of layers (their
-            ``hook_resid_post``) or ``"all"`` (every residual-stream point) to apply the
-            vector's single direction at several places.
+        layers: ``None`` = the vector's own hook(s); layer numbers (their
+            ``hook_resid_post``) or hook names, one or a list, or ``"all"`` (every
+            residual-stream point) to apply the vector's single direction there.
         force: apply a vector made for another model anyway, with a loud warning.
 
     Example:

@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from xferlens.activations.hooks import Layer
 from xferlens.activations.positions import Selector
 from xferlens.activations.tokens import Tokenized, length_batches, pad_batch, pad_id, padding_side, tokenize
-from xferlens.steering.apply import steer
+from xferlens.steering.apply import Layers, steer
 from xferlens.steering.vector import SteeringVector
 from xferlens.types import Mask
 
@@ -47,7 +46,7 @@ def generate(
     alpha: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
     positions: Literal["all", "prompt"] | Selector = "all",
-    layers: Literal["all"] | Sequence[Layer] | None = None,
+    layers: Layers | None = None,
     force: bool = False,
     truncate: bool = False,
     stop_tokens: Sequence[int] | None = None,

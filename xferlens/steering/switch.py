@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import Layer
 from xferlens.mappers.base import Mapper, MapperConfig, MapperMismatchError
 
 
@@ -123,18 +124,19 @@ class SafetySwitch:
         finetuned: HookedTransformer,
         base: HookedTransformer,
         texts: Sequence[str],
-        layer: int,
+        layer: Layer | str,
         *,
         kind: str = "autoencoder",
         config: MapperConfig | dict | None = None,
-        base_layer: int | None = None,
+        base_layer: Layer | str | None = None,
         batch_size: int = 8,
         max_length: int = 128,
         seed: int = 0,
         progress: bool = True,
     ) -> tuple["SafetySwitch", dict]:
         """Pair ``finetuned`` layer ``layer`` with ``base`` layer ``base_layer`` (default the
-        same) on ``texts``, fit a ``kind`` mapper, return ``(switch, history)``.
+        same; layer numbers or hook names) on ``texts``, fit a ``kind`` mapper, return
+        ``(switch, history)``.
 
         ``texts`` should include what the fine-tune changed (e.g. triggered prompts), so
         the map sees the activations it has to undo, and general text.

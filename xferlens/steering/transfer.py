@@ -53,6 +53,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from xferlens.activations.hooks import Layer, hook_name
 from xferlens.identity import ModelId
 from xferlens.mappers.base import Mapper
 from xferlens.steering.vector import SteeringMismatchError, SteeringVector
@@ -86,8 +87,8 @@ def transfer(
     target_rows: Tensor | None = None,
     method: Literal["auto", "linear", "mean_difference"] = "auto",
     recalibrate: bool | Literal["norm", "spread", "shrinkage"] = False,
-    hook: str | None = None,
-    tgt_hook: str | None = None,
+    hook: Layer | str | None = None,
+    tgt_hook: Layer | str | None = None,
 ) -> SteeringVector:
     """The target-model vector corresponding to ``vector`` under ``mapper``.
 
@@ -104,20 +105,20 @@ def transfer(
             ``"spread"`` relative to its centred spread; ``"shrinkage"`` undoes the map's
             squeeze along the transferred direction (``Mapper.shrinkage``, label-free);
             ``False``: raw.
-        hook: which of the vector's hooks to transfer (default: its only one).
-        tgt_hook: target hook name when the mapper does not record one.
+        hook: which of the vector's hooks to transfer, by name or layer number (default:
+            the mapper's source hook if the vector has it, else the vector's only one).
+        tgt_hook: the target hook (name or layer number) when the mapper does not record one.
 
     Example:
         >>> tv = transfer(refusal_small, mapper, recalibrate=True)  # doctest: +SKIP
         >>> with steer(big_model, tv, alpha=4.0): ...  # doctest: +SKIP
     """
-    hook = (
-        hook
-        if hook is not None
-        else (mapper.src_hook if mapper.src_hook in vector.directions else vector.hook)
-    )
+    if hook is not None:
+        hook = hook_name(hook)
+    else:
+        hook = mapper.src_hook if mapper.src_hook in vector.directions else vector.hook
     _check_source(vector, mapper, hook)
-    tgt_hook = tgt_hook or mapper.tgt_hook or hook
+    tgt_hook = hook_name(tgt_hook) if tgt_hook is not None else (mapper.tgt_hook or hook)
     t = mapper.map_direction(vector.direction(hook), source_rows, method)
     training = mapper.meta.get("training") or {}
     tgt_norm = training.get("tgt_norm")

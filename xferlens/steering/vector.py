@@ -15,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import Layer, hook_name
 from xferlens.artifacts import (
     ArtifactError,
     check_count,
@@ -82,15 +83,23 @@ class SteeringVector:
             raise ValueError(f"this vector has directions at {self.hooks}; name the hook you mean")
         return self.hooks[0]
 
-    def direction(self, hook: str | None = None) -> Tensor:
-        return self.directions[hook if hook is not None else self.hook]
+    def _hook(self, hook: Layer | str | None) -> str:
+        """``hook`` (a name or a layer number) as one of this vector's hook names."""
+        name = self.hook if hook is None else hook_name(hook)
+        if name not in self.directions:
+            raise KeyError(f"this vector has no direction at {name!r}; it has {', '.join(self.hooks)}")
+        return name
 
-    def norm(self, hook: str | None = None) -> float:
+    def direction(self, hook: Layer | str | None = None) -> Tensor:
+        """The direction at ``hook`` (a hook name or a layer number; default: the only one)."""
+        return self.directions[self._hook(hook)]
+
+    def norm(self, hook: Layer | str | None = None) -> float:
         return float(self.direction(hook).float().norm())
 
-    def relative_norm(self, hook: str | None = None) -> float | None:
+    def relative_norm(self, hook: Layer | str | None = None) -> float | None:
         """Norm of the direction over the typical activation norm at its hook."""
-        hook = hook if hook is not None else self.hook
+        hook = self._hook(hook)
         n = self.act_norm.get(hook)
         return self.norm(hook) / n if n else None
 
@@ -104,8 +113,9 @@ class SteeringVector:
             dict(self.act_norm),
         )
 
-    def at(self, hook: str) -> "SteeringVector":
+    def at(self, hook: Layer | str) -> "SteeringVector":
         """The vector at one of its hooks only (e.g. one layer of a multi-layer build)."""
+        hook = self._hook(hook)
         return SteeringVector(
             {hook: self.direction(hook)},
             self.model,
