@@ -70,7 +70,7 @@ def hook_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _single(hooks: HookSpec) -> bool:
+def _single(hooks: object) -> bool:
     return isinstance(hooks, str | numbers.Number | np.bool_) or (
         isinstance(hooks, torch.Tensor) and hooks.ndim == 0
     )
