@@ -42,11 +42,6 @@ LOCATION = {
 }
 #: known exceptions, each with its reason
 NOT_YET = {
-    # xferlens/evaluation/score.py is owned elsewhere: its annotation says Sequence[int], but
-    # the value goes to steering_hooks, which takes either spelling
-    "score_conditions",
-    "steering_scores",
-    "dose_response",
     # the converter itself
     "resid_post",
 }

@@ -51,7 +51,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from xferlens.activations.positions import Selector, describe
 from xferlens.activations.tokens import length_batches, tokenize
-from xferlens.steering.apply import steering_hooks
+from xferlens.steering.apply import Layers, steering_hooks
 from xferlens.steering.vector import SteeringVector
 
 #: How a refusal opens (what the Qwen2.5 and SmolLM2 instruct models say; after the
@@ -199,7 +199,7 @@ def score_conditions(
     conditions: Sequence[Condition],
     *,
     mode: Literal["add", "ablate"] = "add",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Layers | None = None,
     positions: "Literal['all'] | Selector" = "all",
     batch_size: int = 16,
     max_batch_tokens: int = 4096,
@@ -488,7 +488,7 @@ def steering_scores(
     vector: SteeringVector | None = None,
     alpha: float = 1.0,
     mode: Literal["add", "ablate"] = "add",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Layers | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> Float[Tensor, " n"]:
@@ -515,7 +515,7 @@ def dose_response(
     random_control: bool = True,
     seed: int = 0,
     mode: Literal["add", "ablate"] = "add",
-    layers: Literal["all"] | Sequence[int] | None = None,
+    layers: Layers | None = None,
     positions: "Literal['all'] | Selector" = "all",
     batch_size: int = 16,
     progress: bool = True,
