@@ -142,8 +142,11 @@ def headline(run) -> list[str]:
         ]
         ag = conf.get("agreement") or {}
         auc = ag.get("auc")
+        judge = conf["meta"].get("judge", "")
         out.append(
-            f"Judged generations on {conf['meta'].get('n_prompts')} of the prompts confirm: "
+            f"Judged generations on {conf['meta'].get('n_prompts')} of the prompts "
+            + (f"(rate of `{judge}`) " if judge else "")
+            + "confirm: "
             + ", ".join(parts)
             + (
                 f"; the score predicts the judge with AUC {auc:.2f} over {ag['n_items']} items."
