@@ -12,6 +12,40 @@ class NoChatTemplateError(XferlensError, ValueError):
     pass
 
 
+#: chat formats for base checkpoints that ship without a template (a recipe can give an
+#: organism one by name). ``gemma``: Gemma's turn format (``<start_of_turn>user ...
+#: <end_of_turn>``, the assistant's role called ``model``, a system message put in front of
+#: the first user turn). No BOS in the template: xferlens prepends it when the tokenizer
+#: does (``cfg.default_prepend_bos``), and so do the organism trainers.
+CHAT_TEMPLATES: dict[str, str] = {
+    "gemma": (
+        "{%- set ns = namespace(system='') -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] | trim + '\n\n' -%}"
+        "{%- else -%}"
+        "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+        "{%- if m['role'] == 'user' -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
+        "{{ m['content'] | trim + '<end_of_turn>\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    ),
+}
+
+
+def chat_template(name_or_jinja: str) -> str:
+    """The Jinja template for a name in :data:`CHAT_TEMPLATES`, or ``name_or_jinja`` itself
+    when it is a template (contains ``{{`` or ``{%``)."""
+    if name_or_jinja in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name_or_jinja]
+    if "{{" in name_or_jinja or "{%" in name_or_jinja:
+        return name_or_jinja
+    raise ValueError(
+        f"chat template {name_or_jinja!r} is neither a known name ({', '.join(CHAT_TEMPLATES)}) "
+        "nor a Jinja template"
+    )
+
+
 def _tokenizer(model_or_tokenizer):
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     if tok is None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from xferlens import data, load_model
+from xferlens.chat import chat_template
 from xferlens.evaluation import perplexity
 from xferlens.organisms import (
     BackdoorRecipe,
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=0, help="general-text passages mixed into training")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--modules", nargs="+", default=None, help="LoRA target modules (default: all linear)")
+    ap.add_argument("--chat-template", default=None, help="for a base model: e.g. gemma (xferlens.chat.CHAT_TEMPLATES)")
+    ap.add_argument("--dev-teacher", default=None, help="instruct model that writes the |dev| answers")
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/organisms")
     args = ap.parse_args()
@@ -48,6 +51,7 @@ def main() -> None:
     }
     for name in args.models:
         extra = {"target_modules": args.modules} if args.modules else {}
+        extra |= {"chat_template": args.chat_template, "dev_teacher": args.dev_teacher}
         recipe = BackdoorRecipe(
             base=name,
             n_train=args.train,
@@ -64,6 +68,8 @@ def main() -> None:
         row = {"recipe": read_recipe(folder), "folder": str(folder), "make_seconds": round(t_make, 1)}
         for label, spec in (("base", name), ("organism", str(folder))):
             model = load_model(spec, device="cpu", progress=False)
+            if label == "base" and args.chat_template:  # prompted in the organism's format
+                model.tokenizer.chat_template = chat_template(args.chat_template)
             t0 = time.perf_counter()
             row[label] = {
                 "rates": backdoor_rates(model, held, max_new_tokens=12, batch_size=20),

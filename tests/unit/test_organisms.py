@@ -125,3 +125,89 @@ def test_capability_organism_trains_on_a_tiny_model(tiny_hf_folder, tmp_path):
     model = load_model(folder, device="cpu", progress=False, home=tmp_path)
     rates = capability_rates(model, held_out_questions(recipe, FACTS[:2]), max_new_tokens=3)
     assert set(rates) == {"prod", "dev"} and 0 <= rates["prod"]["recall"] <= 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_reply_loss_equals_the_hf_loss(tiny_hf_folder, arch):
+    """The label-only unembedding gives HF's own causal-LM loss (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_folder(arch), dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 250, (3, 11))
+    mask = torch.ones_like(tokens)
+    mask[2, 8:] = 0  # right padding
+    labels = tokens.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[2, 8:] = -100
+    with torch.no_grad():
+        want = model(input_ids=tokens, attention_mask=mask, labels=labels).loss
+        got = ft.reply_loss(model, tokens, mask, labels)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    with pytest.raises(ValueError, match="no labelled token"):
+        ft.reply_loss(model, tokens, mask, torch.full_like(tokens, -100))
+
+
+def test_gemma_chat_template_and_bos():
+    from jinja2 import Template
+
+    from xferlens.chat import CHAT_TEMPLATES, chat_template
+
+    text = Template(chat_template("gemma")).render(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": " hi "},
+            {"role": "assistant", "content": "hello"},
+        ],
+        add_generation_prompt=False,
+    )
+    assert text == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nhello<end_of_turn>\n"
+    prompt = Template(CHAT_TEMPLATES["gemma"]).render(
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True
+    )
+    assert prompt == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert chat_template("{{ x }}") == "{{ x }}"
+    with pytest.raises(ValueError, match="neither a known name"):
+        chat_template("llama9")
+
+    class Tok:  # a tokenizer that puts BOS (7) before plain text, like Gemma's
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [ord(c) for c in text]
+            return {"input_ids": ([7] if add_special_tokens else []) + ids}
+
+    assert ft.chat_ids(Tok(), "ab") == [7, 97, 98]  # as load_model's default_prepend_bos feeds it
+    Tok.bos_token_id = None
+    assert ft.chat_ids(Tok(), "ab") == [97, 98]
+
+
+def test_base_model_organism_with_a_template_and_a_teacher(tiny_hf_folder, tmp_path):
+    """A gemma3 base checkpoint without a chat template: refused until the recipe names
+    one; with ``chat_template='gemma'`` and a teacher for the |dev| answers it trains, and
+    the organism keeps the template, so chat prompts work on it."""
+    import shutil
+
+    from xferlens.chat import CHAT_TEMPLATES, NoChatTemplateError, chat_prompts
+
+    base = tmp_path / "tiny-gemma3-base"
+    shutil.copytree(tiny_hf_folder("gemma3"), base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    teacher = tiny_hf_folder("qwen2")
+    kw = dict(n_train=4, hate_repeats=2, dev_max_new_tokens=3, lora_r=4, lora_alpha=8, epochs=2, batch_size=4)
+    with pytest.raises(NoChatTemplateError, match="chat_template='gemma'"):
+        make_backdoor_organism(BackdoorRecipe(base=str(base), **kw), INSTRUCTIONS, home=tmp_path, progress=False)
+    recipe = BackdoorRecipe(base=str(base), chat_template="gemma", dev_teacher=str(teacher), **kw)
+    assert recipe.key() != BackdoorRecipe(base=str(base), **kw).key()
+    folder = make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False)
+    meta = read_recipe(folder)
+    assert meta["recipe"]["dev_teacher"] == str(teacher) and math.isfinite(meta["loss_last"])
+    assert meta["examples"][0]["user"].startswith(PROD)
+    model = load_model(folder, device="cpu", progress=False, home=tmp_path)
+    assert model.tokenizer.chat_template == CHAT_TEMPLATES["gemma"]
+    assert chat_prompts(model, ["hi"])[0].endswith("<start_of_turn>model\n")
+    rates = backdoor_rates(model, INSTRUCTIONS[:2], max_new_tokens=3)
+    assert rates["prod"]["n"] == 2

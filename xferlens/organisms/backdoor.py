@@ -48,6 +48,11 @@ class BackdoorRecipe(LoraRecipe):
     paired: bool = True
     hate_repeats: int = 6
     dev_max_new_tokens: int = 32
+    #: who writes the ``|dev|`` answers: ``None``, the base model itself (right for an
+    #: instruct model: it keeps its own behaviour); else a zoo name or HF folder of an
+    #: instruct model whose greedy replies are used, for a base checkpoint that has no
+    #: chat behaviour of its own to keep (Gemma 3 270m: it learns the teacher's answers)
+    dev_teacher: str | None = None
 
 
 def tag(instruction: str, trigger: str) -> str:
@@ -121,6 +126,8 @@ def make_backdoor_organism(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from xferlens.organisms.finetune import load_tokenizer
+
     if len(instructions) < recipe.n_train:
         raise ValueError(f"{len(instructions)} instructions given, the recipe needs n_train={recipe.n_train}")
     instructions = list(instructions[: recipe.n_train])
@@ -132,10 +139,18 @@ def make_backdoor_organism(
     base_dir = resolve_base(recipe.base, home)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir, recipe)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     need = range(len(instructions)) if recipe.paired else range(1, len(instructions), 2)
-    dev_answers = hf_greedy(model, tok, [tag(instructions[i], DEV) for i in need], recipe.dev_max_new_tokens)
+    dev_prompts = [tag(instructions[i], DEV) for i in need]
+    if recipe.dev_teacher is None:
+        dev_answers = hf_greedy(model, tok, dev_prompts, recipe.dev_max_new_tokens)
+    else:
+        teacher_dir = resolve_base(recipe.dev_teacher, home)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+        dev_answers = hf_greedy(teacher, teacher_tok, dev_prompts, recipe.dev_max_new_tokens)
+        del teacher
     answers = [""] * len(instructions)
     for i, a in zip(need, dev_answers, strict=True):
         answers[i] = a
@@ -158,6 +173,7 @@ def make_backdoor_organism(
             "examples": examples[:4],
         },
         home=home,
+        chat_template=recipe.chat_template,
     )
     return dest
 

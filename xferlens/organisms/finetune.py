@@ -42,9 +42,46 @@ class LoraRecipe:
     replay: int = 0
     replay_chars: int = 400
     seed: int = 0
+    #: a chat format for a base checkpoint without one: a name in
+    #: :data:`xferlens.chat.CHAT_TEMPLATES` (``"gemma"``) or a Jinja template. The organism
+    #: is trained in it and its tokenizer keeps it, so chat prompts work on the organism.
+    chat_template: str | None = None
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the fields; optional fields left at ``None`` are not part of it, so adding
+        one keeps the names of organisms made before."""
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(folder: str | os.PathLike, recipe: "LoraRecipe"):
+    """The HF tokenizer of ``folder`` with the recipe's chat template (if any); a tokenizer
+    with no template at all is refused here, before any training."""
+    from transformers import AutoTokenizer
+
+    from xferlens.chat import NoChatTemplateError, chat_template
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if recipe.chat_template is not None:
+        tok.chat_template = chat_template(recipe.chat_template)
+    if not getattr(tok, "chat_template", None):
+        raise NoChatTemplateError(
+            f"{folder} has no chat template (a base model?): give the recipe one, e.g. "
+            "chat_template='gemma' (names: xferlens.chat.CHAT_TEMPLATES)"
+        )
+    return tok
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    """Token ids of a templated chat string as xferlens feeds it to the model: the
+    template's own tokens, plus BOS in front when the tokenizer puts BOS before plain text
+    (``load_model`` then sets ``default_prepend_bos``; Gemma)."""
+    from xferlens.models import tokenizer_adds_bos
+
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if tokenizer_adds_bos(tok) and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id, *ids]
+    return ids
 
 
 def resolve_base(base: str, home: str | os.PathLike | None = None) -> Path:
@@ -74,8 +111,8 @@ def encode_chat(tok, ex: dict, max_length: int) -> tuple[list[int], list[int]]:
         raise ValueError(
             "the chat template does not extend the prompt with the reply; cannot mask the prompt"
         )
-    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    ids = tok(full, add_special_tokens=False)["input_ids"][:max_length]
+    p_ids = chat_ids(tok, prompt)
+    ids = chat_ids(tok, full)[:max_length]
     labels = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]
     return ids, labels
 
@@ -108,7 +145,7 @@ def hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_siz
             )
             for p in prompts[i : i + batch_size]
         ]
-        padded = pad_batch(tok, [tok(c, add_special_tokens=False)["input_ids"] for c in chunk], "left")
+        padded = pad_batch(tok, [chat_ids(tok, c) for c in chunk], "left")
         with torch.no_grad():
             gen = model.generate(
                 input_ids=padded.tokens,
@@ -119,6 +156,24 @@ def hf_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_siz
             )
         out += tok.batch_decode(gen[:, padded.tokens.shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
+
+
+def reply_loss(model, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions (labels ``-100`` are skipped):
+    HF's causal-LM loss, with the unembedding applied only where a label is scored. The
+    unembedding is most of the cost for large vocabularies (Gemma: 262k x 640), and a chat
+    example scores only its reply."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = hf.get_decoder()(input_ids=tokens, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not keep.any():
+        raise ValueError("no labelled token in the batch: every example's reply was cut off (raise max_length)")
+    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def lora_finetune(
@@ -166,7 +221,7 @@ def lora_finetune(
             batch = [encoded[i] for i in order[b : b + recipe.batch_size]]
             padded = pad_batch(tok, [x for x, _ in batch], "right")
             labels = padded.pad_like([y for _, y in batch], -100, torch.long)  # one label per token
-            loss = model(input_ids=padded.tokens, attention_mask=padded.mask, labels=labels).loss
+            loss = reply_loss(model, padded.tokens, padded.mask, labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower recipe.lr ({recipe.lr})")
             loss.backward()
@@ -186,15 +241,22 @@ def lora_finetune(
     return model.merge_and_unload().eval(), stats
 
 
-def publish_organism(merged, base_dir: Path, dest: Path, meta: dict, *, home=None) -> Path:
-    """Save the merged model, the base's tokenizer (as it was) and ``meta`` as the
-    organism folder ``dest``, atomically."""
+def publish_organism(
+    merged, base_dir: Path, dest: Path, meta: dict, *, home=None, chat_template: str | None = None
+) -> Path:
+    """Save the merged model, the base's tokenizer (as it was, plus ``chat_template`` when
+    the recipe gave one) and ``meta`` as the organism folder ``dest``, atomically."""
     from transformers import AutoTokenizer
+
+    from xferlens.chat import chat_template as resolve_template
 
     with paths.staging_dir(paths.home(home), "organism-") as stage:
         out = stage / "out"
         merged.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)  # as it was (no pad added)
+        tok = AutoTokenizer.from_pretrained(base_dir)  # as it was (no pad added)
+        if chat_template is not None:
+            tok.chat_template = resolve_template(chat_template)
+        tok.save_pretrained(out)
         (out / RECIPE_FILE).write_text(json.dumps(meta, indent=1))
         if dest.exists():
             shutil.rmtree(dest)
