@@ -42,8 +42,10 @@ TgtRows = Float[Tensor, "n d_tgt"]
 @runtime_checkable
 class Report(Protocol):
     """What every evaluation result offers (``MapperReport``, ``SteeringReport``,
-    ``LayerSweep``, ``LayerScores``, ``DoseResponse``, ``FeatureTransfer``): a markdown table,
-    the same table as a pandas DataFrame (one row per table row), and a matplotlib figure."""
+    ``LayerSweep``, ``LayerScores``, ``DoseResponse``, ``DoseDifference``, ``FeatureTransfer``,
+    ``FeatureRates``, ``TransferDiagnostics``): a markdown table, the same table as a pandas
+    DataFrame (one row per table row), and a matplotlib figure. Reports that replaced a plain
+    dict or list also have ``to_dict()``, which returns that dict or list unchanged."""
 
     def to_markdown(self) -> str: ...
 

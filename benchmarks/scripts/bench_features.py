@@ -106,7 +106,7 @@ def main() -> None:
             "saes": sae_info,
             "live_source_features": len(ft.features),
             "source_features": ft.n_source_features,
-            "table": ft.table(),
+            "table": ft.table().to_dict(),
             "rate": ft.rate(),
             "rate_random": ft.rate(control=True),
             "median_cosine": float(ft.cosine.median()),

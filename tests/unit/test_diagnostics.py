@@ -1,5 +1,8 @@
 """Transfer diagnostics on synthetic maps with a known answer, against numpy / scipy."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +120,22 @@ def test_transfer_diagnostics_tell_a_good_map_from_a_blind_one():
     # (its probe still ranks prompts: any direction with a component along the target's
     # dominant variation does, which is why the probe is read beside the fidelity)
     assert np.isnan(bad["round_trip_cosine"]) and np.isnan(bad["cosine_to_native"])
+    # a report whose to_dict() is the flat dict of floats it used to be, keys in that order
+    assert list(good.to_dict()) == [
+        "n_rows",
+        "subspace_r2",
+        "spread_ratio",
+        "probe_spearman",
+        "round_trip_cosine",
+        "round_trip_length",
+        "cosine_to_native",
+        "native_probe_spearman",
+    ]
+    assert good.to_dict()["n_rows"] == 200.0 and good.subspace_r2 == good["subspace_r2"]
+    assert json.dumps({**bad, "where": "last"}) == json.dumps({**bad.to_dict(), "where": "last"})
+    assert all(isinstance(x, float) for x in bad.to_dict().values()) and math.isnan(bad.cosine_to_native)
+    with pytest.raises(KeyError):
+        bad["nope"]
 
 
 def test_shrinkage_recalibration_undoes_the_squeeze_along_the_vector():

@@ -55,7 +55,12 @@ def test_dose_response_views_and_round_trip():
     back = DoseResponse.from_dict(dr.to_dict())
     assert np.allclose(back.scores["native"], dr.scores["native"])
     d = dr.difference("transferred", "random", n_boot=100)
-    assert d[-1]["ci"][0] > 0  # the transferred curve separates from the flat one
+    assert d.ci[-1][0] > 0  # the transferred curve separates from the flat one
+    rows = d.to_dict()  # the rows difference() returned before it was a report
+    assert [r["alpha"] for r in rows] == dr.alphas and rows[-1]["ci"] == d.ci[-1]
+    assert isinstance(rows[0]["ci"], tuple) and set(rows[0]) == {"alpha", "diff", "ci"}
+    want = dr.curve("transferred")[1:] - dr.curve("random")[1:]
+    np.testing.assert_allclose([r["diff"] for r in rows], want)
     fig = dr.plot(n_boot=50)
     assert fig is not None
     with pytest.raises(ValueError, match="shape"):

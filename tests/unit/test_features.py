@@ -94,6 +94,18 @@ def test_a_feature_mapped_through_the_identity_finds_itself(sae):
     assert ft.rate(0.9) == 1.0
     assert ft.rate(0.9, control=True) < 0.5  # a random map rarely lands that close
     assert "random map" in ft.to_markdown()
+    rates = ft.table((0.5, 0.9))  # a report; to_dict() is the list of rows it used to be
+    assert rates.to_dict() == [
+        {
+            "threshold": t,
+            "cosine": ft.rate(t),
+            "cosine_random": ft.rate(t, control=True),
+            "act_corr": ft.rate(t, by="act_corr"),
+            "act_corr_random": ft.rate(t, control=True, by="act_corr"),
+        }
+        for t in (0.5, 0.9)
+    ]
+    assert rates.to_markdown() == ft.to_markdown((0.5, 0.9))
 
 
 def test_map_directions_nonlinear_needs_rows_and_returns_unit_vectors():

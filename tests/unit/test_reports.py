@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xferlens.evaluation import DoseResponse, LayerScores, LayerSweep, MapperReport, SteeringReport
+from xferlens.evaluation.diagnostics import TransferDiagnostics
 from xferlens.features import FeatureTransfer
 from xferlens.types import Report
 
@@ -86,6 +87,10 @@ def feature_transfer() -> FeatureTransfer:
     )
 
 
+def diagnostics() -> TransferDiagnostics:
+    return TransferDiagnostics(128.0, 0.8, 1.4, 0.9, round_trip_cosine=0.95, round_trip_length=0.7)
+
+
 REPORTS = {
     "steering": steering_report,
     "sweep": lambda: LayerSweep([2, 4, 6], [0.25, 0.75, 0.5], 0.0, {"judge": "refusal", "alpha": 2}),
@@ -95,6 +100,9 @@ REPORTS = {
     "mapper": mapper_report,
     "dose": dose_response,
     "features": feature_transfer,
+    "feature_rates": lambda: feature_transfer().table(),
+    "dose_difference": lambda: dose_response().difference("native", "random", n_boot=50),
+    "diagnostics": diagnostics,
 }
 
 
@@ -164,4 +172,28 @@ def test_feature_frame_rows_are_the_markdown_rows():
     md, frame = table_rows(ft.to_markdown()), ft.to_frame()
     assert [r[0] for r in md] == [f"{t:g}" for t in frame["threshold"]]
     assert [r[1] for r in md] == [f"{x:.1%}" for x in frame["cosine"]]
-    assert frame.to_dict("records") == ft.table()
+    assert frame.to_dict("records") == ft.table().to_dict()
+
+
+def test_dose_difference_frame_rows_are_the_markdown_rows():
+    dd = REPORTS["dose_difference"]()
+    md, frame = table_rows(dd.to_markdown()), dd.to_frame()
+    assert [r[0] for r in md] == [f"{a:g}" for a in frame["alpha"]]
+    assert [r[1] for r in md] == [f"{x:.2f}" for x in frame["diff"]]
+    ci = zip(frame["ci_low"], frame["ci_high"], strict=True)
+    assert [r[2] for r in md] == [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in ci]
+    assert [{"alpha": a, "diff": d, "ci": (lo, hi)} for a, d, lo, hi in frame.itertuples(index=False)] == (
+        dd.to_dict()
+    )
+
+
+def test_diagnostics_frame_is_the_markdown_row():
+    dg = diagnostics()
+    (row,) = table_rows(dg.to_markdown())
+    frame = dg.to_frame()
+    assert row == ["0.950", "0.700", "0.800", "1.400", "0.900", "-", "-"]
+    assert list(frame.columns) == list(dg.to_dict()) and len(frame) == 1
+    assert frame[["cosine_to_native", "native_probe_spearman"]].isna().all(axis=None)
+    assert frame.drop(columns=["cosine_to_native", "native_probe_spearman"]).iloc[0].to_dict() == {
+        k: v for k, v in dg.to_dict().items() if k not in ("cosine_to_native", "native_probe_spearman")
+    }

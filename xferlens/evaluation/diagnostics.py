@@ -4,7 +4,8 @@ A map can align activations well on average and still lose the one direction a v
 needs (a high-cosine map whose mapped activations do not act: arXiv 2606.03280). These
 diagnostics look at that direction only. Each takes plain tensors (rows are real
 activations of held-out prompts, never the rows the map was fitted on) and returns a dict
-of floats; :func:`transfer_diagnostics` computes them all for one vector and map.
+of floats; :func:`transfer_diagnostics` computes them all for one vector and map (a
+:class:`TransferDiagnostics` report).
 
 - **Round trip** (:func:`round_trip`): carry the source vector ``v`` to the target with the
   forward map and back with a map fitted the other way; ``cosine(v, B(F(v)))`` and the
@@ -26,6 +27,7 @@ How well each predicts the native-equivalent dose across pairs and tasks is meas
 """
 
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from jaxtyping import Float
@@ -120,6 +122,81 @@ def probe_agreement(
     }
 
 
+@dataclass
+class TransferDiagnostics:
+    """Every diagnostic of the module doc for one vector and map (:func:`transfer_diagnostics`).
+
+    Attributes:
+        n_rows: held-out rows read.
+        subspace_r2, spread_ratio: :func:`subspace_fidelity` along the transferred direction.
+        probe_spearman: :func:`probe_agreement` of ``v`` in the source with its image.
+        round_trip_cosine, round_trip_length: :func:`round_trip` (NaN without a backward map).
+        cosine_to_native: cosine of the image with the target's own vector (NaN without one).
+        native_probe_spearman: probe agreement of ``v`` with the target's own vector (NaN
+            without one).
+
+    ``report["subspace_r2"]`` and ``{**report}`` read it like the flat dict it replaces.
+    """
+
+    n_rows: float
+    subspace_r2: float
+    spread_ratio: float
+    probe_spearman: float
+    round_trip_cosine: float = math.nan
+    round_trip_length: float = math.nan
+    cosine_to_native: float = math.nan
+    native_probe_spearman: float = math.nan
+
+    def to_dict(self) -> dict[str, float]:
+        """The flat dict of floats, in field order."""
+        return asdict(self)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def to_frame(self):
+        """One row (the markdown's), one column per diagnostic."""
+        import pandas as pd
+
+        return pd.DataFrame([self.to_dict()], columns=self.keys())
+
+    def to_markdown(self) -> str:
+        f = lambda x: "-" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
+        return "\n".join(
+            [
+                f"Transfer diagnostics on {int(self.n_rows)} held-out rows (- where not asked for).",
+                "",
+                "| round-trip cosine | round-trip length | subspace R^2 | spread ratio | probe Spearman "
+                "| cosine to native | native probe Spearman |",
+                "|---|---|---|---|---|---|---|",
+                f"| {f(self.round_trip_cosine)} | {f(self.round_trip_length)} | {f(self.subspace_r2)} | "
+                f"{f(self.spread_ratio)} | {f(self.probe_spearman)} | {f(self.cosine_to_native)} | "
+                f"{f(self.native_probe_spearman)} |",
+            ]
+        )
+
+    def plot(self, ax=None):
+        """One bar per diagnostic (missing ones left out); 1 dotted, what a faithful map reaches
+        on every one of them."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+        d = {k: v for k, v in self.to_dict().items() if k != "n_rows" and not math.isnan(v)}
+        ax.bar(range(len(d)), list(d.values()))
+        ax.set_xticks(range(len(d)), [k.replace("_", " ") for k in d], rotation=30, ha="right", fontsize=7)
+        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+        ax.axhline(0.0, color="k", lw=0.5)
+        ax.set_title(f"transfer diagnostics, {int(self.n_rows)} held-out rows", fontsize=9)
+        return fig if fig is not None else ax.figure
+
+
 def transfer_diagnostics(
     v: Float[Tensor, " d_src"],
     mapper: Mapper,
@@ -128,32 +205,28 @@ def transfer_diagnostics(
     *,
     backward: Mapper | None = None,
     native: Float[Tensor, " d_tgt"] | None = None,
-) -> dict[str, float]:
+) -> TransferDiagnostics:
     """Every diagnostic of the module doc for the source vector ``v`` under ``mapper``, on
     held-out rows (the same prompts' activations at the map's two hooks). ``backward``: a map
     fitted target -> source, for the round trip; ``native``: the target's own vector, for
-    the cosine to it and the probe agreement with it. Flat dict of floats (NaN where a
-    piece was not asked for)."""
+    the cosine to it and the probe agreement with it. NaN where a piece was not asked for;
+    ``.to_dict()`` is the flat dict of floats."""
     src, tgt = source_rows.float(), target_rows.float()
     t = mapper.map_direction(v, src).cpu()
     with torch.no_grad():
         mapped = torch.cat([mapper(b) for b in src.split(4096)]).cpu()
     fid = subspace_fidelity(mapped, tgt.cpu(), t)
     probe = probe_agreement(src, tgt, v, t)
-    out = {
-        "n_rows": float(len(src)),
-        "subspace_r2": fid["r2"],
-        "spread_ratio": fid["spread_ratio"],
-        "probe_spearman": probe["spearman"],
-        "round_trip_cosine": math.nan,
-        "round_trip_length": math.nan,
-        "cosine_to_native": math.nan,
-        "native_probe_spearman": math.nan,
-    }
+    out = TransferDiagnostics(
+        n_rows=float(len(src)),
+        subspace_r2=fid["r2"],
+        spread_ratio=fid["spread_ratio"],
+        probe_spearman=probe["spearman"],
+    )
     if backward is not None:
         rt = round_trip(v, mapper, backward, src, tgt)
-        out["round_trip_cosine"], out["round_trip_length"] = rt["cosine"], rt["length"]
+        out.round_trip_cosine, out.round_trip_length = rt["cosine"], rt["length"]
     if native is not None:
-        out["cosine_to_native"] = _cos(t, native.cpu())
-        out["native_probe_spearman"] = probe_agreement(src, tgt, v, native)["spearman"]
+        out.cosine_to_native = _cos(t, native.cpu())
+        out.native_probe_spearman = probe_agreement(src, tgt, v, native)["spearman"]
     return out

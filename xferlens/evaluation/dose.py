@@ -138,6 +138,71 @@ def _pct(x: np.ndarray, q: float) -> float:
 
 
 @dataclass
+class DoseDifference:
+    """Per alpha: the mean score of ``label`` minus that of ``other`` over the same prompts,
+    with a paired bootstrap 95 % interval (:meth:`DoseResponse.difference`).
+
+    Attributes:
+        alphas: the grid.
+        diff: the difference of mean scores at each alpha.
+        ci: its interval at each alpha.
+        n: prompts per condition.
+    """
+
+    label: str
+    other: str
+    alphas: list[float]
+    diff: list[float]
+    ci: list[tuple[float, float]]
+    n: int
+
+    def to_dict(self) -> list[dict]:
+        """One dict per alpha (what ``difference()`` returned before it was a report)."""
+        return [{"alpha": a, "diff": self.diff[k], "ci": self.ci[k]} for k, a in enumerate(self.alphas)]
+
+    def to_frame(self):
+        """One row per alpha, as in the markdown."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "alpha": list(self.alphas),
+                "diff": self.diff,
+                "ci_low": [c[0] for c in self.ci],
+                "ci_high": [c[1] for c in self.ci],
+            }
+        )
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"Mean log-odds of {self.label} minus {self.other} (n = {self.n} paired prompts; "
+            "95 % bootstrap intervals).",
+            "",
+            f"| alpha | {self.label} - {self.other} | 95 % CI |",
+            "|---|---|---|",
+        ]
+        for a, d, (lo, hi) in zip(self.alphas, self.diff, self.ci, strict=True):
+            lines.append(f"| {a:g} | {d:.2f} | [{lo:.2f}, {hi:.2f}] |")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """The difference against alpha with its intervals; 0 dashed."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+        lo = [d - c[0] for d, c in zip(self.diff, self.ci, strict=True)]
+        hi = [c[1] - d for d, c in zip(self.diff, self.ci, strict=True)]
+        ax.errorbar(self.alphas, self.diff, yerr=[lo, hi], marker="o", capsize=3)
+        ax.axhline(0.0, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(f"{self.label} - {self.other} (mean log-odds)")
+        ax.set_title(f"{self.label} minus {self.other}: n = {self.n} prompts", fontsize=9)
+        return fig if fig is not None else ax.figure
+
+
+@dataclass
 class DoseResponse:
     """Per-prompt scores under every vector and alpha, with the unsteered model.
 
@@ -222,15 +287,19 @@ class DoseResponse:
             [(_pct(pb[:, k], 2.5), _pct(pb[:, k], 97.5)) for k in range(len(self.alphas))],
         )
 
-    def difference(self, label: str, other: str, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    def difference(self, label: str, other: str, n_boot: int = 1000, seed: int = 0) -> DoseDifference:
         """Per alpha: mean score of ``label`` minus ``other`` with a paired bootstrap interval."""
         idx = self._boot_idx(n_boot, seed)
         d = self.curve(label)[1:] - self.curve(other)[1:]
         db = self.curve(label, idx)[:, 1:] - self.curve(other, idx)[:, 1:]
-        return [
-            {"alpha": a, "diff": float(d[k]), "ci": (_pct(db[:, k], 2.5), _pct(db[:, k], 97.5))}
-            for k, a in enumerate(self.alphas)
-        ]
+        return DoseDifference(
+            label,
+            other,
+            list(self.alphas),
+            [float(x) for x in d],
+            [(_pct(db[:, k], 2.5), _pct(db[:, k], 97.5)) for k in range(len(self.alphas))],
+            self.n,
+        )
 
     def mean_probability(self, label: str) -> np.ndarray:
         """Mean P(opening) at ``0, *alphas`` (the score on the probability scale)."""

@@ -50,7 +50,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from xferlens.activations.positions import Selector, describe
-from xferlens.activations.tokens import length_batches, tokenize
+from xferlens.activations.tokens import length_batches, pad_batch, tokenize
 from xferlens.steering.apply import Layers, steering_hooks
 from xferlens.steering.vector import SteeringVector
 
@@ -280,14 +280,14 @@ def score_conditions(
     prefix = torch.tensor([tk.ids[0][:n_pre]], dtype=torch.long, device=dev)
     base_prefix = _prefix_cache(model, prefix, [])
 
-    def at(c: int, mask: list[list[bool]]) -> list:
+    def at(c: int, mask: Tensor | list[list[bool]]) -> list:
         """Condition ``c``'s hooks for a pass over tokens flagged by ``mask`` ``[b, width]``."""
         v, a = conditions[c]
         if v is None or flags is None:
             return hooks[c]
-        if not any(any(r) for r in mask):
+        m = torch.as_tensor(mask, dtype=torch.bool)
+        if not m.any():
             return []
-        m = torch.tensor(mask, dtype=torch.bool)
         return steering_hooks(model, v, float(a), mode=mode, layers=layers, positions=m)
 
     pre_hooks = [at(c, [flags[0][:n_pre]]) if flags is not None else hooks[c] for c in range(len(hooks))]
@@ -302,15 +302,9 @@ def score_conditions(
         disable=not progress,
     )
     for batch in _batches(model, lengths, n_pre + max(len(p) for p in paths), batch_size, max_batch_tokens):
-        width = max(lengths[i] for i in batch)
         b = len(batch)
-        tokens = torch.zeros((b, width), dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            tokens[r, : lengths[i]] = torch.tensor(tk.ids[i][n_pre:])
-            mask[r, : lengths[i]] = 1
-        tokens, mask = tokens.to(dev), mask.to(dev)
-        last = torch.tensor([lengths[i] - 1 for i in batch], device=dev)
+        padded = pad_batch(model.tokenizer, [tk.ids[i][n_pre:] for i in batch], "right")
+        tokens, mask, last = padded.tokens.to(dev), padded.mask.to(dev), padded.last.to(dev)
         full_mask = torch.cat([base_prefix.previous_attention_mask.expand(b, -1), mask], dim=1)
         lower = None
         if s > 0:  # the condition-independent part, once per batch
@@ -333,7 +327,7 @@ def score_conditions(
             hs = hooks[c]
             row_hs = hs  # the opening tokens: steered only when every position is
             if flags is not None:
-                hs = at(c, [flags[i][n_pre:] + [False] * (width - lengths[i]) for i in batch])
+                hs = at(c, padded.pad_like([flags[i][n_pre:] for i in batch], fill=False, dtype=torch.bool))
                 row_hs = []
             upper_entries = _expanded(cond_prefix[c], b, range(s, model.cfg.n_layers))
             if lower is not None:

@@ -1,6 +1,6 @@
 """SAE features across models: train SAEs with sae-lens, carry features through a mapper."""
 
-from xferlens.features.match import FeatureTransfer, feature_transfer, map_directions
+from xferlens.features.match import FeatureRates, FeatureTransfer, feature_transfer, map_directions
 from xferlens.features.sae import (
     SAEMismatchError,
     TrainedSAE,
@@ -11,6 +11,7 @@ from xferlens.features.sae import (
 from xferlens.features.vector import feature_vector
 
 __all__ = [
+    "FeatureRates",
     "FeatureTransfer",
     "SAEMismatchError",
     "TrainedSAE",

@@ -64,6 +64,84 @@ def map_directions(
 
 
 @dataclass
+class FeatureRates:
+    """The rates of :class:`FeatureTransfer` at a few thresholds, mapper beside random map:
+    one row per threshold (``FeatureTransfer.table()``).
+
+    Lists are indexed like ``thresholds``; each rate is the fraction of the ``n_live`` live
+    source features whose partner's decoder cosine (``cosine``) or activation correlation
+    (``act_corr``) reaches the threshold, ``*_random`` the same through the random map.
+    """
+
+    thresholds: list[float]
+    cosine: list[float]
+    cosine_random: list[float]
+    act_corr: list[float]
+    act_corr_random: list[float]
+    n_live: int
+    n_source_features: int
+
+    def to_dict(self) -> list[dict]:
+        """One dict per threshold (what ``table()`` returned before it was a report)."""
+        return [
+            {
+                "threshold": t,
+                "cosine": self.cosine[k],
+                "cosine_random": self.cosine_random[k],
+                "act_corr": self.act_corr[k],
+                "act_corr_random": self.act_corr_random[k],
+            }
+            for k, t in enumerate(self.thresholds)
+        ]
+
+    def to_frame(self):
+        """One row per threshold, as in the markdown."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            self.to_dict(), columns=["threshold", "cosine", "cosine_random", "act_corr", "act_corr_random"]
+        )
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"{self.n_live} live of {self.n_source_features} source features",
+            "",
+            "| threshold | decoder cosine >= t | random map | activation corr >= t | random map |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.to_dict():
+            lines.append(
+                f"| {r['threshold']:g} | {r['cosine']:.1%} | {r['cosine_random']:.1%} | "
+                f"{r['act_corr']:.1%} | {r['act_corr_random']:.1%} |"
+            )
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """Rate against threshold for both measures, mapper solid, random map dashed."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+        for by, name in (("cosine", "decoder cosine"), ("act_corr", "activation corr")):
+            (line,) = ax.plot(self.thresholds, getattr(self, by), marker="o", label=f"{name}: mapper")
+            ax.plot(
+                self.thresholds,
+                getattr(self, by + "_random"),
+                marker="o",
+                ls="--",
+                color=line.get_color(),
+                label=f"{name}: random map",
+            )
+        ax.set_xlabel("threshold t")
+        ax.set_ylabel("live source features >= t")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{self.n_live} live of {self.n_source_features} source features", fontsize=9)
+        ax.legend(fontsize=7)
+        return fig if fig is not None else ax.figure
+
+
+@dataclass
 class FeatureTransfer:
     """Per live source feature: its partner in the target SAE and how well they agree.
 
@@ -90,37 +168,26 @@ class FeatureTransfer:
         x = getattr(self, ("random_" if control else "") + by)
         return float((x >= t).float().mean()) if len(x) else float("nan")
 
-    def table(self, thresholds=(0.3, 0.5, 0.7)) -> list[dict]:
-        return [
-            {
-                "threshold": t,
-                "cosine": self.rate(t),
-                "cosine_random": self.rate(t, control=True),
-                "act_corr": self.rate(t, by="act_corr"),
-                "act_corr_random": self.rate(t, control=True, by="act_corr"),
-            }
-            for t in thresholds
-        ]
+    def table(self, thresholds=(0.3, 0.5, 0.7)) -> FeatureRates:
+        """The rates at each of ``thresholds``, mapper and random map (a report:
+        ``.to_dict()`` gives one dict per threshold)."""
+        ts = list(thresholds)
+        return FeatureRates(
+            ts,
+            [self.rate(t) for t in ts],
+            [self.rate(t, control=True) for t in ts],
+            [self.rate(t, by="act_corr") for t in ts],
+            [self.rate(t, control=True, by="act_corr") for t in ts],
+            len(self.features),
+            self.n_source_features,
+        )
 
     def to_frame(self, thresholds=(0.3, 0.5, 0.7)):
         """:meth:`table` as a DataFrame: one row per threshold, as in the markdown."""
-        import pandas as pd
-
-        return pd.DataFrame(self.table(thresholds))
+        return self.table(thresholds).to_frame()
 
     def to_markdown(self, thresholds=(0.3, 0.5, 0.7)) -> str:
-        lines = [
-            f"{len(self.features)} live of {self.n_source_features} source features",
-            "",
-            "| threshold | decoder cosine >= t | random map | activation corr >= t | random map |",
-            "|---|---|---|---|---|",
-        ]
-        for r in self.table(thresholds):
-            lines.append(
-                f"| {r['threshold']:g} | {r['cosine']:.1%} | {r['cosine_random']:.1%} | "
-                f"{r['act_corr']:.1%} | {r['act_corr_random']:.1%} |"
-            )
-        return "\n".join(lines)
+        return self.table(thresholds).to_markdown()
 
     def plot(self, ax=None):
         """Histograms of partner cosines, mapper vs random map."""
