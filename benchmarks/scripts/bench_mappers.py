@@ -140,8 +140,8 @@ def main() -> None:
         "rank_check": {
             "cka": {str(k): v for k, v in cka.items()},
             "patched_kl": {str(k): v for k, v in kl.items()},
-            "spearman_rho": agreement["rho"],
-            "p_value": agreement["p_value"],
+            "spearman_rho": agreement.rho,
+            "p_value": agreement.p_value,
         },
         "reports": {k: r.to_dict() for k, r in reports.items()},
         "histories": {k: {kk: vv for kk, vv in h.items() if kk != "records"} for k, h in histories.items()},
@@ -157,7 +157,7 @@ def main() -> None:
         "",
         f"recommended pairs (CKA, target depth 25-75 %): {rec}",
         f"Spearman rho(CKA, -patched KL) over source layers {src_layers} at target layer {lt_best}: "
-        f"{agreement['rho']:.2f} (p={agreement['p_value']:.2g})",
+        f"{agreement.rho:.2f} (p={agreement.p_value:.2g})",
         "",
     ]
     lines += [reports[k].to_markdown() + "\n" for k in reports]

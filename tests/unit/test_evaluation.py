@@ -116,8 +116,12 @@ def test_layer_search_finds_the_diagonal_of_a_model_with_itself(tiny_tl):
 def test_rank_agreement_is_spearman():
     cheap = {(0, 0): 0.9, (1, 1): 0.8, (2, 2): 0.5, (3, 3): 0.1}
     kl = {(0, 0): 1.0, (1, 1): 2.0, (2, 2): 3.0, (3, 3): 4.0}
-    assert rank_agreement(cheap, kl)["rho"] == pytest.approx(1.0)
-    assert rank_agreement(cheap, {k: -v for k, v in kl.items()})["rho"] == pytest.approx(-1.0)
+    agree = rank_agreement(cheap, kl)
+    assert agree.rho == pytest.approx(1.0) and agree.to_dict()["rho"] == agree.rho
+    frame = agree.to_frame()
+    assert list(frame["cheap_rank"]) == list(frame["expensive_rank"])  # same ranking, pair by pair
+    assert agree.to_markdown().count("\n| ") == len(agree.pairs) + 1 and agree.plot() is not None
+    assert rank_agreement(cheap, {k: -v for k, v in kl.items()}).rho == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="at least 3"):
         rank_agreement({(0, 0): 1.0}, {(0, 0): 1.0})
 

@@ -3,14 +3,15 @@ evaluation with controls, the continuous steering score and its dose-response, j
 text scores."""
 
 from xferlens.evaluation.diagnostics import (
+    TransferDiagnostics,
     probe_agreement,
     round_trip,
     subspace_fidelity,
     transfer_diagnostics,
 )
-from xferlens.evaluation.dose import DoseEstimate, DoseResponse, equivalent_dose
+from xferlens.evaluation.dose import DoseDifference, DoseEstimate, DoseResponse, equivalent_dose
 from xferlens.evaluation.judges import REFUSAL_PATTERNS, is_refusal, substring
-from xferlens.evaluation.layers import LayerScores, layer_pair_scores, rank_agreement
+from xferlens.evaluation.layers import LayerScores, RankAgreement, layer_pair_scores, rank_agreement
 from xferlens.evaluation.patching import MapperReport, evaluate_mapper, evaluate_mappers
 from xferlens.evaluation.score import (
     REFUSAL_OPENINGS,
@@ -35,13 +36,16 @@ from xferlens.evaluation.text import rouge_l
 __all__ = [
     "REFUSAL_OPENINGS",
     "REFUSAL_PATTERNS",
+    "DoseDifference",
     "DoseEstimate",
     "DoseResponse",
     "Openings",
     "LayerScores",
     "LayerSweep",
     "MapperReport",
+    "RankAgreement",
     "SteeringReport",
+    "TransferDiagnostics",
     "dose_response",
     "equivalent_dose",
     "evaluate_mapper",

@@ -232,11 +232,79 @@ def layer_pair_scores(
     )
 
 
+@dataclass
+class RankAgreement:
+    """Spearman's rho between a cheap layer-pair score and an expensive one
+    (:func:`rank_agreement`); +1 means the cheap score ranks the pairs the same way.
+
+    Attributes:
+        pairs: the layer pairs scored both ways, sorted.
+        cheap, expensive: the scores of each pair, signed so that higher is better.
+        rho, p_value: Spearman's rank correlation and its p-value.
+    """
+
+    pairs: list[tuple[int, int]]
+    cheap: list[float]
+    expensive: list[float]
+    rho: float
+    p_value: float
+
+    def to_dict(self) -> dict:
+        """``{"pairs", "rho", "p_value"}`` (what ``rank_agreement`` returned before)."""
+        return {"pairs": self.pairs, "rho": self.rho, "p_value": self.p_value}
+
+    def to_frame(self):
+        """One row per layer pair: both scores (higher is better) and their ranks."""
+        import pandas as pd
+
+        df = pd.DataFrame(
+            {
+                "src_layer": [p[0] for p in self.pairs],
+                "tgt_layer": [p[1] for p in self.pairs],
+                "cheap": self.cheap,
+                "expensive": self.expensive,
+            }
+        )
+        df["cheap_rank"] = df["cheap"].rank(ascending=False)
+        df["expensive_rank"] = df["expensive"].rank(ascending=False)
+        return df
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"Spearman's rho {self.rho:.2f} (p = {self.p_value:.2g}) over {len(self.pairs)} layer pairs "
+            "(scores signed so that higher is better).",
+            "",
+            "| source layer | target layer | cheap | expensive | cheap rank | expensive rank |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.to_frame().itertuples():
+            lines.append(
+                f"| {r.src_layer} | {r.tgt_layer} | {r.cheap:.4g} | {r.expensive:.4g} "
+                f"| {r.cheap_rank:g} | {r.expensive_rank:g} |"
+            )
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """The expensive score against the cheap one, one labelled point per pair."""
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(4.5, 3.4))
+        ax.scatter(self.cheap, self.expensive)
+        for p, x, y in zip(self.pairs, self.cheap, self.expensive, strict=True):
+            ax.annotate(f"{p[0]}->{p[1]}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("cheap score (higher is better)")
+        ax.set_ylabel("expensive score (higher is better)")
+        ax.set_title(f"rank agreement: rho = {self.rho:.2f}, {len(self.pairs)} pairs", fontsize=9)
+        return fig if fig is not None else ax.figure
+
+
 def rank_agreement(
     cheap: dict[tuple[int, int], float],
     expensive: dict[tuple[int, int], float],
     higher_is_better: tuple[bool, bool] = (True, False),
-) -> dict:
+) -> RankAgreement:
     """Spearman's rho between a cheap score and an expensive one over the same layer pairs.
 
     By default the cheap score is better when higher (CKA, R^2) and the expensive one when
@@ -250,4 +318,4 @@ def rank_agreement(
     c = np.array([cheap[k] for k in keys]) * (1 if higher_is_better[0] else -1)
     e = np.array([expensive[k] for k in keys]) * (1 if higher_is_better[1] else -1)
     res = spearmanr(c, e)
-    return {"pairs": keys, "rho": float(res.statistic), "p_value": float(res.pvalue)}
+    return RankAgreement(keys, c.tolist(), e.tolist(), float(res.statistic), float(res.pvalue))
