@@ -9,9 +9,11 @@ unconditionally and one code path serves a laptop and a cluster.
   one that died; the backend follows the device (``gloo`` on CPU; ``cpu:gloo,cuda:nccl``
   on CUDA, so CPU tensors such as fitted moments still reduce), and on CUDA each process
   takes the GPU of its ``LOCAL_RANK``.
-* :func:`shard_indices` gives each rank its disjoint share of ``n`` items.
+* :func:`shard_indices` gives each rank its disjoint share of ``n`` items;
+  :func:`balanced_share` a contiguous run of items of about equal total cost (whole batches).
 * :func:`all_reduce_` sums tensors (float64 moments, counts) across ranks in place;
-  :func:`all_gather_objects` and :func:`broadcast_object` carry small JSON-like records.
+  :func:`all_gather_objects`, :func:`gather_objects` (to one rank) and
+  :func:`broadcast_object` carry small records.
 * :func:`agree` is the failure protocol: at a sync point every rank says whether it
   failed; if any did, *every* rank raises (the failing one its own error, the others a
   :class:`RankError` naming the failing rank and its message), so no rank goes on to
@@ -206,6 +208,17 @@ def all_gather_objects(obj: Any) -> list:
     return out
 
 
+def gather_objects(obj: Any, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` on rank ``dst``, in rank order; ``None`` on the other ranks
+    (results that one rank joins: per-prompt records, selected CPU rows). Picklable
+    records only, nothing untrusted; call it on every rank, like any collective."""
+    if world_size() == 1:
+        return [obj]
+    out: list | None = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank (a small JSON-like record)."""
     if world_size() == 1:
@@ -300,3 +313,21 @@ def balanced_owner(sizes: Tensor, world: int) -> Tensor:
         return torch.zeros(len(sizes), dtype=torch.int64)
     before = torch.cumsum(sizes, 0) - sizes
     return (before * world) // total
+
+
+def balanced_share(sizes, rank: int | None = None, world: int | None = None) -> range:
+    """This rank's items of ``sizes`` (costs, in order) as a range: the contiguous run
+    :func:`balanced_owner` gives it, about ``sum(sizes) / world`` of the cost (possibly
+    empty). Handing out whole batches this way keeps each batch on one rank.
+
+    >>> [balanced_share([5, 1, 1, 1, 1, 1], r, 2) for r in range(2)]
+    [range(0, 1), range(1, 6)]
+    """
+    r = globals()["rank"]() if rank is None else rank
+    w = world_size() if world is None else world
+    if w < 1 or not 0 <= r < w:
+        raise ValueError(f"balanced_share: need 0 <= rank < world, got rank={r}, world={w}")
+    # (items of size 0 after all the cost would belong to rank w: the last rank takes them)
+    owner = balanced_owner(torch.tensor(list(sizes), dtype=torch.int64), w).clamp_max(w - 1).tolist()
+    mine = [i for i, o in enumerate(owner) if o == r]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)

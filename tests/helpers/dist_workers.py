@@ -11,8 +11,9 @@ Jobs:
 ``fit``    cache activations and pairs to shards (each rank its share of the texts), fit
            affine, orthogonal and autoencoder maps from the pair shards (moments all-reduced,
            the autoencoder under DistributedDataParallel); then run the experiment spec
-           ``args["spec"]`` with the CLI (``xferlens run``) into ``run/``, and again (it
-           must resume with nothing left to compute); then cache again into ``failed/``,
+           ``args["spec"]`` with the CLI (``xferlens run``) into ``run/``, counting each
+           step's forward passes on this rank, and again (it must resume with nothing
+           left to compute); then cache again into ``failed/``,
            where rank 1 raises in the middle of its share (one launch tests all of it:
            starting torchrun costs more than any one part)
 ``crash``  cache into ``failed/``, but rank 1 dies outright (``os._exit``), as a killed
@@ -104,9 +105,12 @@ def job_fit(args: dict) -> None:
 
 
 def run_spec(args: dict, folder: Path) -> dict:
-    """``xferlens run spec.yaml`` on every rank, then once more: the rerun must find every
-    step done and compute nothing on any rank (the step functions are replaced by ones
-    that raise)."""
+    """``xferlens run spec.yaml`` on every rank, counting the model forward passes this rank
+    makes in each step (``forwards``: a split step makes some on every rank), then once
+    more: the rerun must find every step done and compute nothing on any rank (the step
+    functions are replaced by ones that raise)."""
+    from transformer_lens import HookedTransformer
+
     from xferlens import cli, load_model
     from xferlens import distributed as xd
     from xferlens.experiment import run as run_mod
@@ -116,13 +120,39 @@ def run_spec(args: dict, folder: Path) -> dict:
             load_model(name, device="cpu", progress=False)
     xd.barrier()
     argv = ["run", args["spec"], "--out", str(folder), "--no-progress", "--device", "cpu"]
-    first = cli.main(argv)
+    forwards = dict.fromkeys(run_mod.STEPS, 0)
+    current: list = [None]
+    forward = HookedTransformer.forward
+
+    def counted(self, *a, **kw):
+        if current[0] is not None:
+            forwards[current[0]] += 1
+        return forward(self, *a, **kw)
+
+    def in_step(step, fn):
+        def run_step(*a, **kw):
+            current[0] = step
+            try:
+                return fn(*a, **kw)
+            finally:
+                current[0] = None
+
+        return run_step
+
+    steps = dict(run_mod.STEP_FUNCS)
+    run_mod.STEP_FUNCS = {step: in_step(step, fn) for step, fn in steps.items()}
+    HookedTransformer.forward = counted
+    try:
+        first = cli.main(argv)
+    finally:
+        HookedTransformer.forward = forward
+        run_mod.STEP_FUNCS = steps
 
     def recomputed(*a, **kw):
         raise AssertionError("a finished step was computed again")
 
     run_mod.STEP_FUNCS = dict.fromkeys(run_mod.STEP_FUNCS, recomputed)
-    return {"first_rc": first, "rerun_rc": cli.main(argv)}
+    return {"first_rc": first, "rerun_rc": cli.main(argv), "forwards": forwards}
 
 
 def fail_on_rank_1(args: dict, src, tgt, *, crash: bool) -> None:

@@ -26,6 +26,7 @@ from xferlens import cli
 from xferlens import distributed as xd
 from xferlens.activations import ShardedActivations
 from xferlens.activations.pair_shards import PairShards
+from xferlens.experiment import run as run_mod
 from xferlens.experiment import save_spec, spec_from_dict
 from xferlens.mappers import fit_mapper
 from xferlens.mappers.fit import rank_part
@@ -54,8 +55,17 @@ def job_args(tiny_hf_folder, tmp_path_factory):
     # maps fitted on every content token (hundreds of rows for 64 dimensions): on fewer
     # rows than dimensions the orthogonal (Procrustes) map is not unique, and any rounding
     # (one process or several) picks another of the equally good solutions
+    # enough texts and prompts (and batches of one prompt) that every split step hands
+    # rank 1 whole batches of its own: 12 search texts are two caching batches, 9 report
+    # texts two, the 3 confirmed prompts three; one report prompt is three completions
     spec = spec_from_dict(
-        tiny_spec(source={"model": src}, target={"model": tgt}, mapper={"fit_on": "content"})
+        tiny_spec(
+            source={"model": src},
+            target={"model": tgt},
+            search={"texts": 12},
+            mapper={"fit_on": "content", "report_texts": 9, "report_prompts": 1},
+            evaluation={"batch_size": 1},
+        )
     )
     save_spec(spec, out / "spec.yaml")
     return {
@@ -113,6 +123,7 @@ def all_shards(store) -> dict:
 def test_the_two_rank_job_ran(two_ranks):
     proc, out = two_ranks
     # the job ends with a caching where rank 1 raises, so it exits non-zero (tested below)
+    assert all((out / f"rank{r}.json").is_file() for r in (0, 1)), proc.stderr[-6000:]
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["world"] for s in seen] == [2, 2], proc.stderr[-3000:]
 
@@ -189,7 +200,12 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     _, out = two_ranks
     runs = [json.loads((out / f"rank{r}.json").read_text())["runner"] for r in (0, 1)]
     # both ranks exit 0, and the rerun recomputed no step on any rank
-    assert runs == [{"first_rc": 0, "rerun_rc": 0}] * 2
+    assert [(r["first_rc"], r["rerun_rc"]) for r in runs] == [(0, 0)] * 2
+    # every split step ran the models on rank 1 too (its share); vectors on rank 0 alone
+    for step in run_mod.STEPS:
+        assert runs[0]["forwards"][step] > 0, step
+        assert (runs[1]["forwards"][step] > 0) == (step in run_mod.SPLIT_STEPS), (step, runs[1]["forwards"])
+    assert set(run_mod.SPLIT_STEPS) == set(run_mod.STEPS) - {"vectors"}
     dist = out / "run"
     assert json.loads((dist / "status.json").read_text())["complete"]
     assert json.loads((dist / "mappers.json").read_text())["ranks"] == 2
@@ -206,7 +222,10 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     one = tmp_path / "run"
     assert len(report_tables(one)) > 10
     assert report_tables(dist) == report_tables(one)
-    assert (dist / "layers.json").read_text() == (one / "layers.json").read_text()  # rank 0 alone
+    # the layer search: each rank cached whole batches of the one process's batching, so
+    # the scores (and the layer pair chosen) are equal bit for bit
+    assert json.loads((one / "layers.json").read_text())["searched"]
+    assert (dist / "layers.json").read_text() == (one / "layers.json").read_text()
     # the maps (and all after them) agree to float rounding: the ranks batch other texts together
     m2, m1 = (json.loads((f / "mappers.json").read_text()) for f in (dist, one))
     assert (m2["rows"], m2["texts"], m2["coverage"]) == (m1["rows"], m1["texts"], m1["coverage"])
@@ -218,6 +237,31 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     assert d2["none"] == pytest.approx(d1["none"], abs=1e-4)
     for lab, rows in d1["scores"].items():
         assert torch.allclose(torch.tensor(d2["scores"][lab]), torch.tensor(rows), atol=1e-4), lab
+    # the report cards: what does not depend on the maps is one process's (the clean runs,
+    # the rows, the completions unpatched); the patching means to float rounding
+    c2, c1 = (json.loads((f / "report_cards.json").read_text()) for f in (dist, one))
+    assert c2.keys() == c1.keys() and c2["cards"].keys() == c1["cards"].keys() == {"affine", "orthogonal"}
+    for kind, card in c1["cards"].items():
+        got = c2["cards"][kind]
+        for k in ("n_texts", "n_rows", "coverage", "n_positions", "patched_fraction", "mapper"):
+            assert got[k] == card[k], (kind, k)
+        assert got["patching"]["clean"]["ce"] == pytest.approx(card["patching"]["clean"]["ce"], rel=1e-12)
+        assert [g["clean"] for g in got["generations"]] == [g["clean"] for g in card["generations"]]
+        assert len(card["generations"]) == 1
+    # the confirmation: rows whose vector does not depend on the maps (unsteered, native,
+    # random of the native norm) are one process's exactly: replies, judgements, perplexities
+    f2, f1 = (json.loads((f / "confirmation.json").read_text()) for f in (dist, one))
+    assert f2["meta"] == f1["meta"] and f2["prompts"] == f1["prompts"]
+    assert [(r["label"], r["alpha"]) for r in f2["rows"]] == [(r["label"], r["alpha"]) for r in f1["rows"]]
+    fixed = [
+        (r2, r1)
+        for r2, r1 in zip(f2["rows"], f1["rows"], strict=True)
+        if r1["label"] in ("none", "native", "random")
+    ]
+    assert len(fixed) == 3
+    for r2, r1 in fixed:
+        assert r2 == r1, r1["label"]
+    assert f2["agreement"]["n_items"] == f1["agreement"]["n_items"] == 3 * len(f1["rows"])
 
 
 def test_a_rank_that_raises_fails_the_run_and_leaves_no_manifest(two_ranks):
@@ -287,3 +331,36 @@ def test_helpers_are_no_ops_in_a_single_process():
         xd.agree(KeyError("mine"), "something")
     assert xd.backend_for("cpu") == "gloo" and xd.backend_for("cuda") == "cpu:gloo,cuda:nccl"
     assert xd.balanced_owner(torch.tensor([5, 1, 1, 1, 1, 1]), 2).tolist() == [0, 1, 1, 1, 1, 1]
+    assert xd.gather_objects({"a": 1}) == [{"a": 1}]
+    assert xd.balanced_share([3, 1, 2]) == range(3) and xd.balanced_share([]) == range(0)
+
+
+def test_balanced_shares_are_contiguous_and_cover_everything_once():
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 2, 7, 30):
+        sizes = torch.randint(0, 9, (n,), generator=g).tolist()
+        for w in (1, 2, 3, 5):
+            shares = [xd.balanced_share(sizes, r, w) for r in range(w)]
+            assert [i for s in shares for i in s] == list(range(n))
+    with pytest.raises(ValueError):
+        xd.balanced_share([1], 2, 2)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 40])
+def test_a_run_of_whole_batches_is_batched_the_same_way_again(max_tokens):
+    """What the split steps rely on for results equal bit for bit: a rank handed a
+    contiguous run of the batches ``length_batches`` forms over all texts, batching its
+    texts again with the same function, forms those very batches (same texts, same order)."""
+    from xferlens.activations.tokens import length_batches
+
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 5, 17, 40):
+        lengths = torch.randint(1, 12, (n,), generator=g).tolist()  # ties: the stable order counts
+        batches = list(length_batches(lengths, 4, max_tokens))
+        cost = [len(b) * max(lengths[i] for i in b) for b in batches]
+        for w in (2, 3):
+            for r in range(w):
+                mine = [batches[i] for i in xd.balanced_share(cost, r, w)]
+                idx = sorted(i for b in mine for i in b)  # the texts, in their order
+                again = list(length_batches([lengths[i] for i in idx], 4, max_tokens))
+                assert [[idx[j] for j in b] for b in again] == mine
