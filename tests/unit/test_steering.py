@@ -368,6 +368,10 @@ def test_evaluate_steering_rows_controls_and_judge(tiny_tl):
         evaluate_steering(tiny_tl("qwen2"), prompts, {"v": v})
     lo, hi = wilson(5, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    for n in (1, 7, 40, 100, 300):  # the interval holds the rate itself (error bars >= 0)
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0 <= lo <= k / n <= hi <= 1, (k, n, lo, hi)
     assert is_refusal("I'm sorry, but I can't assist with that.") and not is_refusal("Sure, here it is.")
     sweep = steerability_sweep(
         model, POS, NEG, prompts, [0, 2], alpha=4.0, judge=judge, max_new_tokens=3, progress=False

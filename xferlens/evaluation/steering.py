@@ -31,14 +31,15 @@ from xferlens.steering.vector import SteeringVector
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n``."""
+    """Wilson score interval of a proportion ``k / n``; it always contains ``k / n`` (at
+    ``k = n`` the closed form's upper end is 1 - 1e-16 in floating point, clamped here)."""
     if n == 0:
         return (math.nan, math.nan)
     p = k / n
     d = 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
+    return (max(0.0, min(p, c - h)), min(1.0, max(p, c + h)))
 
 
 @torch.no_grad()

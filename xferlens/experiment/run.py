@@ -832,7 +832,7 @@ def score_summary(spec: ExperimentSpec, dr) -> dict:
             if lab != "native"
         },
         "minus_random": {
-            lab: dr.difference(lab, "random", n_boot=e.bootstrap, seed=spec.seed)
+            lab: dr.difference(lab, "random", n_boot=e.bootstrap, seed=spec.seed).to_dict()
             for lab in dr.labels
             if lab != "random"
         },

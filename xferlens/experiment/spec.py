@@ -539,6 +539,13 @@ def _check_organism(key: str, recipe: dict) -> None:
             raise SpecError(f"{key}.{name}: {getattr(r, name)!r}; must be an integer >= 1")
     if not (isinstance(r.lr, int | float) and 0 < r.lr < 1):
         raise SpecError(f"{key}.lr: {r.lr!r}; give a learning rate between 0 and 1")
+    if r.chat_template is not None:
+        from xferlens.chat import chat_template
+
+        try:
+            chat_template(r.chat_template)
+        except ValueError as err:
+            raise SpecError(f"{key}.chat_template: {err}") from err
     if kind == "backdoor" and r.n_train > MAX_BACKDOOR_TRAIN:
         raise SpecError(f"{key}.n_train: {r.n_train}; at most {MAX_BACKDOOR_TRAIN}")
 
