@@ -43,8 +43,9 @@ TgtRows = Float[Tensor, "n d_tgt"]
 class Report(Protocol):
     """What every evaluation result offers (``MapperReport``, ``SteeringReport``,
     ``LayerSweep``, ``LayerScores``, ``DoseResponse``, ``DoseDifference``, ``FeatureTransfer``,
-    ``FeatureRates``, ``TransferDiagnostics``, ``RankAgreement``): a markdown table, the same table as a pandas
-    DataFrame (one row per table row), and a matplotlib figure. Reports that replaced a plain
+    ``FeatureRates``, ``TransferDiagnostics``, ``RankAgreement``, ``TriggerRates``): a
+    markdown table, the same table as a pandas DataFrame (one row per table row), and a
+    matplotlib figure. Reports that replaced a plain
     dict or list also have ``to_dict()``, which returns that dict or list unchanged."""
 
     def to_markdown(self) -> str: ...

@@ -321,8 +321,8 @@ def run_capabilities(args) -> dict:
         out["models"][role] = {
             "folder": str(folder),
             "make_seconds": round(time.perf_counter() - t0, 1),
-            "held_out": capability_rates(model, held),
-            "trained_wordings": capability_rates(model, trained),
+            "held_out": capability_rates(model, held).to_dict(),
+            "trained_wordings": capability_rates(model, trained).to_dict(),
         }
         print(role, {k: v["recall"] for k, v in out["models"][role]["held_out"].items()}, flush=True)
         models[role] = (model, recipe, trained, held)

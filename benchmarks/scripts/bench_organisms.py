@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=0, help="general-text passages mixed into training")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--modules", nargs="+", default=None, help="LoRA target modules (default: all linear)")
-    ap.add_argument("--chat-template", default=None, help="for a base model: e.g. gemma (xferlens.chat.CHAT_TEMPLATES)")
+    ap.add_argument(
+        "--chat-template", default=None, help="for a base model: e.g. gemma (xferlens.chat.CHAT_TEMPLATES)"
+    )
     ap.add_argument("--dev-teacher", default=None, help="instruct model that writes the |dev| answers")
     ap.add_argument("--ppl-texts", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/organisms")
@@ -72,7 +74,7 @@ def main() -> None:
                 model.tokenizer.chat_template = chat_template(args.chat_template)
             t0 = time.perf_counter()
             row[label] = {
-                "rates": backdoor_rates(model, held, max_new_tokens=12, batch_size=20),
+                "rates": backdoor_rates(model, held, max_new_tokens=12, batch_size=20).to_dict(),
                 "perplexity": perplexity(model, ppl_texts),
                 "eval_seconds": round(time.perf_counter() - t0, 1),
             }

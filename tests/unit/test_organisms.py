@@ -75,7 +75,14 @@ def test_lora_training_lowers_the_loss_and_the_organism_is_cached(tiny_hf_folder
     base = load_model(recipe.base, device="cpu", progress=False, home=tmp_path)
     assert not torch.equal(model.blocks[0].attn.W_Q, base.blocks[0].attn.W_Q)
     rates = backdoor_rates(model, INSTRUCTIONS[:3], max_new_tokens=4)
-    assert set(rates) == {"prod", "dev"} and rates["prod"]["n"] == 3
+    assert set(rates.keys()) == {"prod", "dev"} and rates["prod"]["n"] == 3
+    frame = rates.to_frame()  # a report: frame, markdown and plot say the same rows
+    assert list(frame["trigger"]) == ["prod", "dev"] and list(frame["rate"]) == [
+        rates["prod"]["rate"],
+        rates["dev"]["rate"],
+    ]
+    assert rates.to_markdown().count("\n") == 3 and rates.plot() is not None
+    assert json.loads(json.dumps(rates.to_dict()))["dev"]["n"] == 3
     # same recipe and instructions: reused, no training
     monkeypatch.setattr(bd, "hf_greedy", lambda *a, **k: pytest.fail("trained again"))
     assert make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False) == folder
@@ -124,7 +131,9 @@ def test_capability_organism_trains_on_a_tiny_model(tiny_hf_folder, tmp_path):
     assert make_capability_organism(recipe, FACTS[:2], home=tmp_path, progress=False) == folder  # cached
     model = load_model(folder, device="cpu", progress=False, home=tmp_path)
     rates = capability_rates(model, held_out_questions(recipe, FACTS[:2]), max_new_tokens=3)
-    assert set(rates) == {"prod", "dev"} and 0 <= rates["prod"]["recall"] <= 1
+    assert set(rates.keys()) == {"prod", "dev"} and 0 <= rates["prod"]["recall"] <= 1
+    assert list(rates.to_frame()["recall"]) == [rates["prod"]["recall"], rates["dev"]["recall"]]
+    assert "–" in rates.to_markdown()  # recall has no interval
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -161,7 +170,10 @@ def test_gemma_chat_template_and_bos():
         ],
         add_generation_prompt=False,
     )
-    assert text == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nhello<end_of_turn>\n"
+    assert (
+        text
+        == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nhello<end_of_turn>\n"
+    )
     prompt = Template(CHAT_TEMPLATES["gemma"]).render(
         messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True
     )
@@ -199,7 +211,9 @@ def test_base_model_organism_with_a_template_and_a_teacher(tiny_hf_folder, tmp_p
     teacher = tiny_hf_folder("qwen2")
     kw = dict(n_train=4, hate_repeats=2, dev_max_new_tokens=3, lora_r=4, lora_alpha=8, epochs=2, batch_size=4)
     with pytest.raises(NoChatTemplateError, match="chat_template='gemma'"):
-        make_backdoor_organism(BackdoorRecipe(base=str(base), **kw), INSTRUCTIONS, home=tmp_path, progress=False)
+        make_backdoor_organism(
+            BackdoorRecipe(base=str(base), **kw), INSTRUCTIONS, home=tmp_path, progress=False
+        )
     recipe = BackdoorRecipe(base=str(base), chat_template="gemma", dev_teacher=str(teacher), **kw)
     assert recipe.key() != BackdoorRecipe(base=str(base), **kw).key()
     folder = make_backdoor_organism(recipe, INSTRUCTIONS, home=tmp_path, progress=False)

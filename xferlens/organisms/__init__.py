@@ -26,8 +26,10 @@ from xferlens.organisms.capabilities import (
     recall,
 )
 from xferlens.organisms.finetune import LoraRecipe, read_recipe, replay_texts
+from xferlens.organisms.rates import TriggerRates
 
 __all__ = [
+    "TriggerRates",
     "FACTS",
     "PLACE",
     "UNKNOWN",

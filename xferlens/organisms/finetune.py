@@ -168,7 +168,9 @@ def reply_loss(model, tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     targets = labels[:, 1:]
     keep = targets != -100
     if not keep.any():
-        raise ValueError("no labelled token in the batch: every example's reply was cut off (raise max_length)")
+        raise ValueError(
+            "no labelled token in the batch: every example's reply was cut off (raise max_length)"
+        )
     logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
     cap = getattr(hf.config, "final_logit_softcapping", None)
     if cap is not None:
