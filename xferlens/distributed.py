@@ -10,7 +10,8 @@ unconditionally and one code path serves a laptop and a cluster.
   on CUDA, so CPU tensors such as fitted moments still reduce), and on CUDA each process
   takes the GPU of its ``LOCAL_RANK``.
 * :func:`shard_indices` gives each rank its disjoint share of ``n`` items;
-  :func:`balanced_share` a contiguous run of items of about equal total cost (whole batches).
+  :func:`balanced_share` a contiguous run of items of about equal total cost, and
+  :func:`batch_share` such a run of whole batches (of about equal padded tokens).
 * :func:`all_reduce_` sums tensors (float64 moments, counts) across ranks in place;
   :func:`all_gather_objects`, :func:`gather_objects` (to one rank) and
   :func:`broadcast_object` carry small records.
@@ -256,9 +257,14 @@ def agree(error: BaseException | None, what: str) -> None:
 
 
 @contextmanager
-def collectively(what: str) -> Iterator[None]:
+def collectively(what: str, spread: bool = True) -> Iterator[None]:
     """Run the block on every rank and :func:`agree` at its end: if it raised on any rank,
-    it raises on all (call it on every rank, like any collective)."""
+    it raises on all (call it on every rank, like any collective). ``spread=False``: just
+    run the block (a process that works alone, e.g. a library call with
+    ``distributed=False`` inside a process group)."""
+    if not spread:
+        yield
+        return
     try:
         yield
     except Exception as e:  # noqa: BLE001 - re-raised by agree on this rank
@@ -331,3 +337,24 @@ def balanced_share(sizes, rank: int | None = None, world: int | None = None) -> 
     owner = balanced_owner(torch.tensor(list(sizes), dtype=torch.int64), w).clamp_max(w - 1).tolist()
     mine = [i for i, o in enumerate(owner) if o == r]
     return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def batch_share(
+    batches: list[list[int]],
+    lengths,
+    *,
+    extra: int = 0,
+    rank: int | None = None,
+    world: int | None = None,
+) -> list[list[int]]:
+    """This rank's batches of ``batches`` (lists of indices into ``lengths``, the batching
+    one process uses): a contiguous run of whole batches holding about ``1 / world`` of
+    the padded tokens, ``len(batch) * (longest + extra)`` each (``extra``: tokens each
+    item adds, e.g. generated ones). Every item is computed in the very padded batch it
+    gets in one process, so results are equal bit for bit, not merely to rounding.
+
+    >>> batch_share([[0, 1], [2], [3]], [4, 4, 2, 1], rank=1, world=2)
+    [[2], [3]]
+    """
+    cost = [len(b) * (max(lengths[i] for i in b) + extra) for b in batches]
+    return [batches[i] for i in balanced_share(cost, rank, world)]

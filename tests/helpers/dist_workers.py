@@ -13,7 +13,9 @@ Jobs:
            the autoencoder under DistributedDataParallel); then run the experiment spec
            ``args["spec"]`` with the CLI (``xferlens run``) into ``run/``, counting each
            step's forward passes on this rank, and again (it must resume with nothing
-           left to compute); then cache again into ``failed/``,
+           left to compute); call the library functions that split themselves
+           (``layer_pair_scores``, ``evaluate_mappers``, ``evaluate_steering``) split and
+           alone (``distributed=False``) on every rank; then cache again into ``failed/``,
            where rank 1 raises in the middle of its share (one launch tests all of it:
            starting torchrun costs more than any one part)
 ``crash``  cache into ``failed/``, but rank 1 dies outright (``os._exit``), as a killed
@@ -86,8 +88,10 @@ def job_fit(args: dict) -> None:
         "acts_rows": len(acts),
         "pair_rows": len(pairs),
     }
+    maps = {}
     for kind in FIT_KINDS:
         mapper, hist = fit_mapper(pairs, kind, FIT_CONFIGS[kind], progress=False)
+        maps[kind] = mapper
         state = {k: v.detach().cpu().contiguous() for k, v in mapper.state_dict().items()}
         seen[kind] = {
             "digest": digest(state),
@@ -100,6 +104,7 @@ def job_fit(args: dict) -> None:
             save_file(state, out / f"{kind}.safetensors")
     if args.get("spec"):
         seen["runner"] = run_spec(args, out / "run")
+    seen["library"] = split_and_alone(args, src, tgt, maps["affine"])
     (out / f"rank{xd.rank()}.json").write_text(json.dumps(seen))
     fail_on_rank_1(args, src, tgt, crash=False)
 
@@ -153,6 +158,56 @@ def run_spec(args: dict, folder: Path) -> dict:
 
     run_mod.STEP_FUNCS = dict.fromkeys(run_mod.STEP_FUNCS, recomputed)
     return {"first_rc": first, "rerun_rc": cli.main(argv), "forwards": forwards}
+
+
+def split_and_alone(args: dict, src, tgt, mapper) -> dict:
+    """Each library function that splits itself, called on every rank as it splits
+    (``distributed`` left at None) and alone on this rank's own (``distributed=False``):
+    what each returned, as JSON, and the forward passes of the split call on this rank."""
+    from transformer_lens import HookedTransformer
+
+    from xferlens.evaluation import evaluate_mappers, evaluate_steering, layer_pair_scores
+    from xferlens.steering import diff_of_means
+
+    texts = args["texts"]
+    vector = diff_of_means(tgt, texts[:4], texts[4:8], hooks=TGT_LAYER)
+    calls = {
+        "layer_pair_scores": lambda **kw: layer_pair_scores(src, tgt, texts, progress=False, **kw),
+        "evaluate_mappers": lambda **kw: evaluate_mappers(
+            {"affine": mapper}, src, tgt, texts[8:], prompts=texts[:2], max_new_tokens=3, progress=False,
+            **kw,
+        ),
+        "evaluate_steering": lambda **kw: evaluate_steering(
+            tgt, texts[:5], {"v": vector}, alphas=(2.0,), judge="substring:cat", ppl_texts=texts[5:8],
+            max_new_tokens=3, batch_size=1, progress=False, **kw,
+        ),
+    }  # fmt: skip
+    out = {}
+    forward = HookedTransformer.forward
+    for name, call in calls.items():
+        count = [0]
+
+        def counted(self, *a, count=count, **kw):
+            count[0] += 1
+            return forward(self, *a, **kw)
+
+        HookedTransformer.forward = counted
+        try:
+            split = call()
+        finally:
+            HookedTransformer.forward = forward
+        alone = call(distributed=False)
+        out[name] = {"split": as_json(split), "alone": as_json(alone), "forwards": count[0]}
+    return out
+
+
+def as_json(result):
+    """A library result as JSON-like data (numpy arrays as lists)."""
+    if isinstance(result, dict):
+        return {k: as_json(v) for k, v in result.items()}
+    if hasattr(result, "to_dict"):
+        return json.loads(json.dumps(result.to_dict(), default=float))
+    return {"scores": result.scores.tolist(), "n_rows": result.n_rows, "meta": result.meta}
 
 
 def fail_on_rank_1(args: dict, src, tgt, *, crash: bool) -> None:

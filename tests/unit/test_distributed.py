@@ -264,6 +264,34 @@ def test_a_distributed_run_reports_the_single_process_tables_and_resumes(two_ran
     assert f2["agreement"]["n_items"] == f1["agreement"]["n_items"] == 3 * len(f1["rows"])
 
 
+def test_library_functions_split_themselves_and_equal_one_process(two_ranks):
+    """``layer_pair_scores``, ``evaluate_mappers`` and ``evaluate_steering`` called on every
+    rank split their work (rank 1 runs the models too) and every rank returns the same
+    result, that of the same call alone (``distributed=False``, no collective): the layer
+    scores and the judged replies exactly, the patching means to float rounding."""
+    _, out = two_ranks
+    libs = [json.loads((out / f"rank{r}.json").read_text())["library"] for r in (0, 1)]
+    assert set(libs[0]) == {"layer_pair_scores", "evaluate_mappers", "evaluate_steering"}
+    for name in libs[0]:
+        for lib in libs:
+            assert lib[name]["forwards"] > 0, name
+        split, alone = libs[0][name]["split"], libs[0][name]["alone"]
+        assert libs[1][name]["split"] == split, name  # every rank returns the same
+        assert libs[1][name]["alone"] == alone, name
+        if name != "evaluate_mappers":
+            assert split == alone, name
+    assert libs[0]["evaluate_steering"]["split"]["rows"][0]["perplexity"] is not None
+    split, alone = (libs[0]["evaluate_mappers"][k]["affine"] for k in ("split", "alone"))
+    assert split.keys() == alone.keys()
+    for k, v in alone.items():
+        if k == "patching":
+            for cond, d in v.items():
+                assert split[k][cond] == pytest.approx(d, rel=1e-9), cond
+        elif k not in ("kl_ratio",):
+            assert split[k] == v, k
+    assert split["kl_ratio"] == pytest.approx(alone["kl_ratio"], rel=1e-9)
+
+
 def test_a_rank_that_raises_fails_the_run_and_leaves_no_manifest(two_ranks):
     proc, out = two_ranks
     log = proc.stdout + proc.stderr
@@ -333,6 +361,37 @@ def test_helpers_are_no_ops_in_a_single_process():
     assert xd.balanced_owner(torch.tensor([5, 1, 1, 1, 1, 1]), 2).tolist() == [0, 1, 1, 1, 1, 1]
     assert xd.gather_objects({"a": 1}) == [{"a": 1}]
     assert xd.balanced_share([3, 1, 2]) == range(3) and xd.balanced_share([]) == range(0)
+
+
+def test_cache_shares_join_into_the_one_process_set(tiny_tl):
+    """Each rank's ``cache_share`` (whole batches of the one-process batching) joined in any
+    world size is ``cache_activations`` over all the texts, bit for bit; so are the tokens
+    alone, and ``batch_share`` deals out every batch once, in order."""
+    from xferlens.activations import cache_activations
+    from xferlens.activations.positions import from_token
+    from xferlens.activations.shares import cache_share, joined_set, without_acts
+
+    model = tiny_tl("llama")
+    want = cache_activations(model, TEXTS, [1, 2], positions=from_token(1), progress=False)
+    for w in (1, 2, 3):
+        shares = [
+            cache_share(model, TEXTS, [1, 2], positions=from_token(1), rank=r, world=w) for r in range(w)
+        ]
+        assert sorted(t for sh in shares for t in sh["rows"]) == list(range(len(TEXTS)))
+        got = joined_set(shares, TEXTS)
+        bare = joined_set([without_acts(sh) for sh in shares], TEXTS)
+        for k in ("text_index", "position", "token_ids", "char_spans"):
+            assert torch.equal(getattr(got, k), getattr(want, k)), k
+            assert torch.equal(getattr(bare, k), getattr(want, k)), k
+        assert got.acts.keys() == want.acts.keys() and bare.acts == {}
+        for h in want.acts:
+            assert torch.equal(got.acts[h], want.acts[h]), h
+        assert got.meta == want.meta and got.texts == want.texts
+    batches = [[3, 0], [1], [2, 4]]
+    lengths = [5, 4, 2, 9, 1]
+    for w in (1, 2, 4):
+        dealt = [xd.batch_share(batches, lengths, rank=r, world=w) for r in range(w)]
+        assert [b for d in dealt for b in d] == batches
 
 
 def test_balanced_shares_are_contiguous_and_cover_everything_once():

@@ -20,9 +20,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from xferlens import distributed as xd
 from xferlens.activations import cache_activations, match_rows, resid_post, same_tokenizer
 from xferlens.activations.hooks import HookSpec, hook_layer, resolve_hooks
 from xferlens.activations.positions import Selector, from_token
+from xferlens.activations.shares import cache_share, joined_set, rows_on_main, without_acts
 
 
 @dataclass
@@ -180,6 +182,7 @@ def layer_pair_scores(
     ridge: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> LayerScores:
     """Score every (source layer, target layer) pair on ``texts`` (a small sample).
 
@@ -187,6 +190,13 @@ def layer_pair_scores(
     names (default: every layer); the scores compare block outputs.
     ``positions`` defaults to every real token but the first (see the code comment);
     pass ``"all"`` to keep it.
+
+    ``distributed``: ``None`` (default) splits the caching over the ranks when a process
+    group of several ranks is initialised; ``False`` never (each process does it all).
+    Distributed, call it on every rank with the same arguments: each rank caches whole
+    batches of the batching one process uses, every rank pairs the rows from their tokens
+    and keeps the same subsample, rank 0 gathers the kept rows and scores them, and every
+    rank returns the same scores, equal to one process's bit for bit.
 
     Example:
         >>> ls = layer_pair_scores(small, big, corpus[:60])  # doctest: +SKIP
@@ -197,11 +207,21 @@ def layer_pair_scores(
         raise ValueError(f"method must be 'cka' or 'ridge', not {method!r}")
     src_layers = list(range(src.cfg.n_layers)) if src_layers is None else _block_outputs(src, src_layers)
     tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else _block_outputs(tgt, tgt_layers)
+    hooks = ([resid_post(lay) for lay in src_layers], [resid_post(lay) for lay in tgt_layers])
     # the first token is an attention sink with a huge norm in many models; left in, it
     # dominates every similarity score (CKA saturated at one value across half the layers)
     sel = from_token(1) if positions is None else positions
-    a = cache_activations(src, texts, src_layers, positions=sel, progress=progress)
-    b = cache_activations(tgt, texts, tgt_layers, positions=sel, progress=progress)
+    spread = xd.active(distributed)
+    if spread:  # each rank caches its batches; every rank gets the rows' tokens, not activations
+        with xd.collectively("caching the layer search"):
+            shares = [
+                cache_share(m, texts, layers, positions=sel, progress=progress)
+                for m, layers in ((src, src_layers), (tgt, tgt_layers))
+            ]
+        a, b = (joined_set(xd.all_gather_objects(without_acts(sh)), texts) for sh in shares)
+    else:
+        a = cache_activations(src, texts, src_layers, positions=sel, progress=progress)
+        b = cache_activations(tgt, texts, tgt_layers, positions=sel, progress=progress)
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
     # rows are matched once; the same matching holds for every layer
     si, ti = match_rows(a, b, alignment)
@@ -209,11 +229,20 @@ def layer_pair_scores(
     if len(si) > max_rows:
         keep = torch.randperm(len(si), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
         si, ti = si[keep], ti[keep]
-    xs = [a.rows(resid_post(lay))[si] for lay in src_layers]
-    ys = [b.rows(resid_post(lay))[ti] for lay in tgt_layers]
-    scores = (
-        _cka(xs, ys, progress) if method == "cka" else _ridge_r2(xs, ys, a.text_index[si], ridge, progress)
-    )
+    if spread:  # the kept rows, from the ranks that cached them, on rank 0
+        xs, ys = rows_on_main(shares[0], a, si, hooks[0]), rows_on_main(shares[1], b, ti, hooks[1])
+    else:
+        xs, ys = [a.rows(h)[si] for h in hooks[0]], [b.rows(h)[ti] for h in hooks[1]]
+    scores = None
+    with xd.collectively("scoring the layer pairs", spread):
+        if xs is not None:
+            scores = (
+                _cka(xs, ys, progress)
+                if method == "cka"
+                else _ridge_r2(xs, ys, a.text_index[si], ridge, progress)
+            )
+    if spread:
+        scores = xd.broadcast_object(scores)
     return LayerScores(
         scores,
         src_layers,

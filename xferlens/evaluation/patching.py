@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from xferlens import distributed as xd
 from xferlens.activations import (
     Pairs,
     align_sets,
@@ -30,6 +31,7 @@ from xferlens.activations import (
     same_tokenizer,
     token_rows,
 )
+from xferlens.activations.shares import cache_split
 from xferlens.activations.tokens import length_batches, pad_batch, padding_side, tokenize
 from xferlens.evaluation.score import _final_logprobs
 from xferlens.evaluation.text import rouge_l
@@ -239,6 +241,7 @@ def evaluate_mappers(
     positions: Literal["all", "last"] = "all",
     force: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> dict[str, MapperReport]:
     """Report cards of several mappers into the same target hook, sharing the work they
     have in common (caching, pairing, the clean and mean-ablated target runs, clean
@@ -258,6 +261,14 @@ def evaluate_mappers(
             is NaN) -- the card for a map fitted on the last prompt token, read on held-out
             prompts (``texts`` are then chat-formatted prompts).
         force: evaluate even if the models are not those a mapper was fitted between.
+        distributed: ``None`` (default) splits the work over the ranks when a process
+            group of several ranks is initialised; ``False`` never (each process does it
+            all). Distributed, call it on every rank with the same arguments: the rows are
+            cached in shares and gathered on every rank (the mean-ablation row and the
+            random map's centring read all of them), each rank patches whole batches of
+            the texts and the loss sums are added over the ranks, the completions are dealt
+            out; every rank returns the same cards (the patching means equal one process's
+            to float rounding, everything else exactly).
     """
     from xferlens.activations.cache import texts_fingerprint
 
@@ -265,6 +276,8 @@ def evaluate_mappers(
         raise ValueError("no mappers given")
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts must be a non-empty list of held-out strings")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
     tgt_hooks = {m.tgt_hook for m in mappers.values()}
     if len(tgt_hooks) != 1 or None in tgt_hooks or any(m.src_hook is None for m in mappers.values()):
         raise ValueError(
@@ -279,59 +292,42 @@ def evaluate_mappers(
             raise ValueError(
                 f"{name}: these are the texts the mapper was fitted on; evaluate on held-out texts"
             )
+    texts = list(texts)
+    spread = xd.active(distributed)
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
-    kw = dict(max_length=max_length, progress=progress)
-    a = cache_activations(src, list(texts), src_hooks, **kw)
-    b = cache_activations(tgt, list(texts), tgt_hook, **kw)
+    cache = cache_split if spread else cache_activations
+    a = cache(src, texts, src_hooks, max_length=max_length, progress=progress)
+    b = cache(tgt, texts, tgt_hook, max_length=max_length, progress=progress)
     # the pairing depends on tokens only: every source hook gets the same rows
     by_hook: dict[str, Pairs] = {h: align_sets(a, b, h, tgt_hook, alignment) for h in src_hooks}
-    if positions not in ("all", "last"):
-        raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
     if positions == "last":
         by_hook = {h: p.select(_last_rows(p, len(texts))) for h, p in by_hook.items()}
     pairs = by_hook[src_hooks[0]]
     tgt_rows = pairs.tgt.float()
-    replacements = {}
-    if controls:  # every row replaced by the mean target row
-        mean_row = reduce(tgt_rows, "row d -> d", "mean")
-        replacements["mean_ablation"] = repeat(mean_row, "d -> row d", row=len(tgt_rows))
-    for name, mapper in mappers.items():
-        src_rows = by_hook[mapper.src_hook].src.float()
-        with torch.no_grad():
-            mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
-        replacements[f"{name}/mapped"] = mapped
-        if controls:  # a random map of the centred rows, each rescaled to its mapped row's norm
-            with torch.no_grad():
-                rand = random_map_like(mapper, seed)(src_rows - reduce(src_rows, "row d -> d", "mean"))
-            scale = mapped.norm(dim=-1, keepdim=True) / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            replacements[f"{name}/random_map"] = rand * scale
+    replacements = _replacements(mappers, by_hook, tgt_rows, controls, seed)
     recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
     patch, n_pos, n_text_tokens = _patched_losses(
-        tgt, list(texts), pairs, replacements, tgt_hook, batch_size, max_length, progress, positions == "last"
-    )
+        tgt, texts, pairs, replacements, tgt_hook, batch_size, max_length, progress, positions == "last",
+        spread=spread,
+    )  # fmt: skip
     if not controls:
         nan = float("nan")
         for name in mappers:
             for c in ("mean_ablation", f"{name}/random_map"):
                 recon[c] = {"mse": nan, "cosine": nan, "fvu": nan}
                 patch[c] = {"ce": nan, "kl": nan}
-    clean_text = {
-        p: _complete(src, tgt, p, alignment, max_new_tokens, None)
-        for p in tqdm(prompts, desc="clean completions", disable=not progress or not prompts)
-    }
+    done = _completions(mappers, src, tgt, list(prompts), alignment, max_new_tokens, progress, spread)
     reports = {}
     for name, mapper in mappers.items():
-        gens = []
-        for p in tqdm(prompts, desc=f"{name}: patched completions", disable=not progress or not prompts):
-            patched = _complete(src, tgt, p, alignment, max_new_tokens, mapper)
-            gens.append(
-                {
-                    "prompt": p,
-                    "clean": clean_text[p],
-                    "patched": patched,
-                    "rouge_l": rouge_l(clean_text[p], patched),
-                }
-            )
+        gens = [
+            {
+                "prompt": p,
+                "clean": done[(i, None)],
+                "patched": done[(i, name)],
+                "rouge_l": rouge_l(done[(i, None)], done[(i, name)]),
+            }
+            for i, p in enumerate(prompts)
+        ]
         pick = {
             "mean_ablation": "mean_ablation",
             "mapped": f"{name}/mapped",
@@ -357,6 +353,43 @@ def evaluate_mappers(
     return reports
 
 
+def _replacements(mappers: dict[str, Mapper], by_hook: dict[str, Pairs], tgt_rows, controls, seed) -> dict:
+    """What replaces the paired target rows: ``{name}/mapped`` for every mapper and, with
+    ``controls``, the mean target row (``mean_ablation``) and a random map of the centred
+    source rows, each rescaled to its mapped row's norm (``{name}/random_map``)."""
+    replacements = {}
+    if controls:  # every row replaced by the mean target row
+        mean_row = reduce(tgt_rows, "row d -> d", "mean")
+        replacements["mean_ablation"] = repeat(mean_row, "d -> row d", row=len(tgt_rows))
+    for name, mapper in mappers.items():
+        src_rows = by_hook[mapper.src_hook].src.float()
+        with torch.no_grad():
+            mapped = torch.cat([mapper(b) for b in src_rows.split(4096)])
+        replacements[f"{name}/mapped"] = mapped
+        if controls:  # a random map of the centred rows, each rescaled to its mapped row's norm
+            with torch.no_grad():
+                rand = random_map_like(mapper, seed)(src_rows - reduce(src_rows, "row d -> d", "mean"))
+            scale = mapped.norm(dim=-1, keepdim=True) / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            replacements[f"{name}/random_map"] = rand * scale
+    return replacements
+
+
+def _completions(mappers, src, tgt, prompts, alignment, max_new_tokens, progress, spread) -> dict:
+    """Greedy completions of every prompt, clean and patched through every mapper:
+    ``{(prompt index, mapper name or None for clean): text}``. ``spread``: dealt out over
+    the ranks, every rank gets all of them."""
+    jobs = [(i, name) for i in range(len(prompts)) for name in (None, *mappers)]
+    mine = xd.shard_indices(len(jobs)) if spread else range(len(jobs))
+    with xd.collectively("the report cards' completions", spread):
+        done = {}
+        for i, name in tqdm([jobs[j] for j in mine], desc="completions", disable=not progress or not prompts):
+            mapper = mappers[name] if name is not None else None
+            done[(i, name)] = _complete(src, tgt, prompts[i], alignment, max_new_tokens, mapper)
+    if spread:
+        done = {k: v for part in xd.all_gather_objects(done) for k, v in part.items()}
+    return done
+
+
 def _last_rows(pairs: Pairs, n_texts: int) -> Tensor:
     """Mask of each text's last paired target position (texts without a pair: none)."""
     keep = torch.zeros(len(pairs), dtype=torch.bool)
@@ -371,51 +404,68 @@ def _last_rows(pairs: Pairs, n_texts: int) -> Tensor:
     return keep
 
 
-def _patched_losses(tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress, last=False):
+def _patched_losses(
+    tgt, texts, pairs, replacements, hook_name, batch_size, max_length, progress, last=False, *, spread=False
+):
+    """Mean next-token CE (and KL to the clean run) per replacement over the patched
+    positions, the number of positions scored and of text tokens. ``spread``: each rank
+    runs whole batches of the batching one process uses, and the sums are added over the
+    ranks (every rank gets the means)."""
     tk = tokenize(tgt, texts, max_length=max_length)
     device = tgt.cfg.device
     n_text_tokens = sum(sum(not s for s in sp) for sp in tk.special)
     bounds = torch.searchsorted(pairs.text_index, torch.arange(len(texts) + 1))
     sums = {"clean": {"ce": 0.0}, **{c: {"ce": 0.0, "kl": 0.0} for c in replacements}}
     n = 0
-    bar = tqdm(total=len(texts), desc="patching", unit="text", disable=not progress)
-    for batch in length_batches([len(x) for x in tk.ids], batch_size):
-        padded = pad_batch(tgt.tokenizer, [tk.ids[i] for i in batch], "right")
-        tokens, width = padded.tokens, padded.tokens.shape[1]
-        patched = torch.zeros((len(batch), width), dtype=torch.bool)
-        rows_at = torch.full((len(batch), width), -1, dtype=torch.long)
-        for r, i in enumerate(batch):
-            rows = torch.arange(int(bounds[i]), int(bounds[i + 1]))
-            pos = pairs.tgt_position[rows]  # right padding: a text position is its column
-            patched[r, pos] = True
-            rows_at[r, pos] = rows
-        # score position t on token t+1 when t was patched and t+1 is a real token
-        has_next = rearrange(torch.arange(width), "pos -> 1 pos") < rearrange(padded.last, "b -> b 1")
-        score = patched if last else patched & has_next  # last: KL of the next-token distribution only
-        nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
-        score_dev = score.to(device)
-        with torch.no_grad(), padding_side(tgt.tokenizer, "right"):
-            # the layers below the patched residual are the same for every condition: run
-            # them once and start each condition there (right padding: causal attention keeps
-            # pads out of the scored positions)
-            split = _resid_post_layer(hook_name)
-            toks, mask = tokens.to(device), patched.to(device)
-            lower = tgt(toks, stop_at_layer=split + 1) if split is not None else None
-            # logits only where they are scored (the unembedding is most of a forward pass)
-            clean = _final_logprobs(
-                tgt, _run_patched(tgt, toks, lower, split, hook_name, mask, None)[score_dev]
-            )
-            sums["clean"]["ce"] += float(-clean.gather(-1, nxt[:, None]).sum())
-            for c, rep in replacements.items():
-                full = torch.zeros((len(batch), width, rep.shape[1]), dtype=rep.dtype)
-                full[patched] = rep[rows_at[patched]]
-                lp = _run_patched(tgt, toks, lower, split, hook_name, mask, full.to(device))
-                lp = _final_logprobs(tgt, lp[score_dev])
-                sums[c]["ce"] += float(-lp.gather(-1, nxt[:, None]).sum())
-                sums[c]["kl"] += float((clean.exp() * (clean - lp)).sum())
-        n += int(score.sum())
-        bar.update(len(batch))
+    lengths = [len(x) for x in tk.ids]
+    batches = list(length_batches(lengths, batch_size))
+    if spread:
+        batches = xd.batch_share(batches, lengths)
+    bar = tqdm(total=sum(map(len, batches)), desc="patching", unit="text", disable=not progress)
+    with xd.collectively("patching the report cards' texts", spread):
+        for batch in batches:
+            padded = pad_batch(tgt.tokenizer, [tk.ids[i] for i in batch], "right")
+            tokens, width = padded.tokens, padded.tokens.shape[1]
+            patched = torch.zeros((len(batch), width), dtype=torch.bool)
+            rows_at = torch.full((len(batch), width), -1, dtype=torch.long)
+            for r, i in enumerate(batch):
+                rows = torch.arange(int(bounds[i]), int(bounds[i + 1]))
+                pos = pairs.tgt_position[rows]  # right padding: a text position is its column
+                patched[r, pos] = True
+                rows_at[r, pos] = rows
+            # score position t on token t+1 when t was patched and t+1 is a real token
+            has_next = rearrange(torch.arange(width), "pos -> 1 pos") < rearrange(padded.last, "b -> b 1")
+            score = patched if last else patched & has_next  # last: KL of the next-token distribution only
+            nxt = torch.roll(tokens, -1, dims=1)[score].to(device)
+            score_dev = score.to(device)
+            with torch.no_grad(), padding_side(tgt.tokenizer, "right"):
+                # the layers below the patched residual are the same for every condition: run
+                # them once and start each condition there (right padding: causal attention
+                # keeps pads out of the scored positions)
+                split = _resid_post_layer(hook_name)
+                toks, mask = tokens.to(device), patched.to(device)
+                lower = tgt(toks, stop_at_layer=split + 1) if split is not None else None
+                # logits only where they are scored (the unembedding is most of a forward pass)
+                clean = _final_logprobs(
+                    tgt, _run_patched(tgt, toks, lower, split, hook_name, mask, None)[score_dev]
+                )
+                sums["clean"]["ce"] += float(-clean.gather(-1, nxt[:, None]).sum())
+                for c, rep in replacements.items():
+                    full = torch.zeros((len(batch), width, rep.shape[1]), dtype=rep.dtype)
+                    full[patched] = rep[rows_at[patched]]
+                    lp = _run_patched(tgt, toks, lower, split, hook_name, mask, full.to(device))
+                    lp = _final_logprobs(tgt, lp[score_dev])
+                    sums[c]["ce"] += float(-lp.gather(-1, nxt[:, None]).sum())
+                    sums[c]["kl"] += float((clean.exp() * (clean - lp)).sum())
+            n += int(score.sum())
+            bar.update(len(batch))
     bar.close()
+    if spread:  # float64 sums over the ranks, in a fixed order
+        keys = [(c, k) for c, d in sums.items() for k in d]
+        total = xd.all_reduce_scalars([float(n)] + [sums[c][k] for c, k in keys])
+        n = int(total[0])
+        for (c, k), v in zip(keys, total[1:], strict=True):
+            sums[c][k] = v
     if n == 0:
         raise ValueError("no patched position has a next token to score: use longer texts")
     out = {c: {k: v / n for k, v in d.items()} for c, d in sums.items()}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from transformer_lens import HookedTransformer
 
+from xferlens import distributed as xd
 from xferlens.activations.cache import texts_fingerprint
 from xferlens.activations.hooks import HookSpec, hook_layer, resolve_hooks
 from xferlens.activations.positions import Selector, describe
@@ -243,6 +244,7 @@ def evaluate_steering(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> SteeringReport:
     """Generate under every (vector, alpha) and under the controls; judge every completion.
 
@@ -255,6 +257,13 @@ def evaluate_steering(
         positions, layers: where to steer, as in :func:`~xferlens.steering.generate`.
         ppl_texts: general text; when given, each row also reports the steered model's
             perplexity on it.
+        distributed: ``None`` (default) splits the work over the ranks when a process
+            group of several ranks is initialised; ``False`` never (each process does it
+            all). Distributed, call it on every rank with the same arguments: each rank
+            generates for whole batches of the prompts (the batching one process uses, so
+            every reply is one process's) under every condition, the perplexities (one per
+            condition, over all of ``ppl_texts``) are dealt out by condition, and every rank
+            returns the same report, equal to one process's.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -273,36 +282,56 @@ def evaluate_steering(
             conditions.append((label, v, a))
         if random_control:
             conditions.append(("random", random_like(reference, seed), a))
+    spread = xd.active(distributed)
+    mine, ppl_of = list(range(len(prompts))), range(len(conditions))
+    if spread:  # whole batches of generate's batching; the perplexities by condition
+        lengths = [len(x) for x in tokenize(model, prompts, max_length=2**62, truncate=False).ids]
+        batches = xd.batch_share(list(length_batches(lengths, batch_size)), lengths, extra=max_new_tokens)
+        mine, ppl_of = sorted(i for b in batches for i in b), xd.shard_indices(len(conditions))
+    outs, ppl = {}, {}
+    with xd.collectively("the steered generations", spread):
+        for c, (_, v, a) in enumerate(conditions):
+            if mine:
+                outs[c] = generate(
+                    model,
+                    [prompts[i] for i in mine],
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    vector=v,
+                    alpha=a,
+                    mode=mode,
+                    positions=positions,
+                    layers=layers,
+                    progress=progress,
+                )
+            if ppl_texts and c in ppl_of:
+                ppl[c] = perplexity(model, ppl_texts, vector=v, alpha=a, mode=mode, layers=layers)
+    if spread:  # every rank's replies, in prompt order
+        parts = xd.all_gather_objects((mine, outs, ppl))
+        ppl = {c: x for _, _, p in parts for c, x in p.items()}
+        replies = [[""] * len(prompts) for _ in conditions]
+        for idx, got, _ in parts:
+            for c, texts in got.items():
+                for i, t in zip(idx, texts, strict=True):
+                    replies[c][i] = t
+        outs = dict(enumerate(replies))
     rows = []
-    for label, v, a in conditions:
-        outs = generate(
-            model,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            vector=v,
-            alpha=a,
-            mode=mode,
-            positions=positions,
-            layers=layers,
-            progress=progress,
-        )
-        hits = [bool(fn(o)) for o in outs]
+    for c, (label, v, a) in enumerate(conditions):
+        hits = [bool(fn(o)) for o in outs[c]]
         k = sum(hits)
-        row = {
-            "label": label,
-            "alpha": a,
-            "norm": None if v is None else v.norm(),
-            "rate": k / len(outs),
-            "ci": wilson(k, len(outs)),
-            "n": len(outs),
-            "hits": hits,
-            "completions": outs,
-            "perplexity": None,
-        }
-        if ppl_texts:
-            row["perplexity"] = perplexity(model, ppl_texts, vector=v, alpha=a, mode=mode, layers=layers)
-        rows.append(row)
+        rows.append(
+            {
+                "label": label,
+                "alpha": a,
+                "norm": None if v is None else v.norm(),
+                "rate": k / len(hits),
+                "ci": wilson(k, len(hits)),
+                "n": len(hits),
+                "hits": hits,
+                "completions": outs[c],
+                "perplexity": ppl.get(c),
+            }
+        )
     meta = {
         "model": model.cfg.model_name,
         "model_identity": model_identity(model),

@@ -21,24 +21,17 @@ replaces a folder that is recognisably a run folder (it has ``status.json``).
 
 Under torchrun (``torchrun --nproc-per-node N -m xferlens.cli run spec.yaml``; a process group
 of several ranks, see :mod:`xferlens.distributed`) every rank runs this function on a
-shared filesystem. The ``mappers`` step is data-parallel: each rank pairs its share of the
-texts into shards (``mappers/pairs``, removed once the maps are fitted) and the fits
-all-reduce their moments (the autoencoder trains under DistributedDataParallel). The
-``scores`` step, most of a run's time, is split too: each rank scores a contiguous share of
-the held-out prompts and rank 0 joins them in order. So are ``layers`` (each rank caches
-its share of the texts; every rank pairs the rows from their tokens, rank 0 gathers the
-rows kept and scores them), ``report_cards`` (cached in shares and gathered, each rank
-patches its share of the texts and rank 0 adds up the sums; the completions are dealt out)
-and ``confirmation`` (each rank generates for its share of the prompts under every
-condition, the perplexities are dealt out by condition; rank 0 joins the judged replies in
-prompt order and computes the rates and the score-judge agreement on all of them). These
-shares are whole batches of the batching one process uses, so every row and reply is
-computed in the same padded batch as there: the layer search and the generations equal one
-process's bit for bit, the report cards' patching means to float rounding (the ranks' sums
-are added in another order). ``vectors`` runs on rank 0 while the other ranks wait. Only
-rank 0 writes ``status.json``, the step records, the figures and ``report.md``; whether a
-step is done is rank 0's decision, so resuming recomputes nothing on any rank. A step that
-fails on any rank fails on every rank, and the step stays not done.
+shared filesystem, and every step but ``vectors`` is split over the ranks by the library
+functions it calls, which split themselves: ``layers`` (:func:`layer_pair_scores`),
+``mappers`` (``pairs_to_disk`` into ``mappers/pairs``, removed once the maps are fitted,
+and ``fit_mapper``), ``report_cards`` (:func:`evaluate_mappers`) and ``confirmation``
+(:func:`evaluate_steering`); ``scores``, most of a run's time, is split here: each rank
+scores a contiguous share of the held-out prompts and rank 0 joins them in order. The
+layer search and the judged generations equal one process's bit for bit, the report
+cards' patching means to float rounding. ``vectors`` runs on rank 0 while the other ranks
+wait. Only rank 0 writes ``status.json``, the step records, the figures and ``report.md``;
+whether a step is done is rank 0's decision, so resuming recomputes nothing on any rank. A
+step that fails on any rank fails on every rank, and the step stays not done.
 """
 
 import dataclasses
@@ -429,11 +422,10 @@ def _layers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     src, tgt = _both_models(mdl)
     s = spec.search
     texts = _corpus(spec, "search", s.texts, held_out)
-    score = _layer_scores_split if xd.active() else layer_pair_scores
-    ls = score(
+    ls = layer_pair_scores(
         src, tgt, texts, src_layers=s.src_layers, tgt_layers=s.tgt_layers, method=s.method, progress=progress
-    )
-    if ls is None:  # another rank than 0: its share is in rank 0's scores
+    )  # under torchrun every rank caches its share of the texts
+    if not xd.is_main():  # rank 0 records
         return None
     # a layer fixed in the spec stays; the other is the best partner within the depth band
     cands = [
@@ -469,11 +461,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.activations import paired_activations, positions
     from xferlens.mappers import MAPPERS, fit_mapper
 
-    if xd.active():  # every rank loads its copy; a failure on one fails all
-        with xd.collectively("loading the models"):
-            src, tgt = mdl.get()
-    else:
-        src, tgt = mdl.get()
+    src, tgt = _both_models(mdl)
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
     if spec.mapper.fit_on == "last":
         fmt = tgt if spec.mapper.fit_format == "target" else src
@@ -595,7 +583,7 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     prompts = (
         _chat(src, spec, sets["eval"][: spec.mapper.report_prompts]) if spec.mapper.report_prompts else []
     )
-    cards = (_cards_split if xd.active() else evaluate_mappers)(
+    cards = evaluate_mappers(  # under torchrun every rank patches its share of the texts
         {k: _load_mapper(folder, k, src, tgt) for k in spec.mapper.kinds},
         src,
         tgt,
@@ -607,7 +595,7 @@ def _report_cards(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         batch_size=16 if where == "last" else 2,  # short prompts, one scored row each
         progress=progress,
     )
-    if cards is None:  # another rank than 0
+    if not xd.is_main():  # rank 0 records
         return None
     for kind, card in cards.items():
         fig = card.plot()
@@ -760,11 +748,7 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict | None
     score does not depend on the others) and rank 0 joins them in prompt order."""
     from xferlens.evaluation.score import dose_response
 
-    if xd.active():
-        with xd.collectively("loading the models"):
-            src, tgt = mdl.get()
-    else:
-        src, tgt = mdl.get()
+    src, tgt = _both_models(mdl)
     e = spec.evaluation
     vecs = _target_vectors(folder, tgt)
     trig = _trigger_positions(spec)
@@ -852,7 +836,7 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     prompts = sets["eval"][: e.confirm_prompts]
     ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
     trig = _trigger_positions(spec)
-    rep = (_steering_split if xd.active() else evaluate_steering)(
+    rep = evaluate_steering(  # under torchrun every rank generates for its share of the prompts
         tgt,
         _chat(tgt, spec, prompts),
         vecs,
@@ -866,7 +850,7 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         seed=spec.seed,
         progress=progress,
     )
-    if rep is None:  # another rank than 0
+    if not xd.is_main():  # rank 0 records
         return None
     fig = rep.plot()
     fig.savefig(folder / "figures" / "confirmation.png", dpi=110, bbox_inches="tight")
@@ -923,408 +907,11 @@ def score_judge_agreement(dr, rows: list[dict], negate: bool = False) -> dict:
     }
 
 
-# ------------------------------------------------ the layer search, report cards and
-# confirmation under torchrun
-#
-# Each rank gets whole batches of the batching one process uses (texts or prompts of
-# similar length, longest first), in contiguous runs of about equal padded tokens. Handed
-# to the same function again, such a run is batched the same way, so every row and every
-# reply is computed in the very padded batch it gets in one process: equal bit for bit,
-# not merely to rounding (a flipped argmax would choose another layer pair, a flipped
-# token another judged reply).
-
-
 def _both_models(mdl):
     """The (source, target) models; under torchrun every rank loads its copy, and a failure
     on one fails all."""
-    if not xd.active():
+    with xd.collectively("loading the models", xd.active()):
         return mdl.get()
-    with xd.collectively("loading the models"):
-        return mdl.get()
-
-
-def _defaults(fn) -> dict:
-    """``fn``'s keyword defaults (the split steps call the library as the one-process path does)."""
-    import inspect
-
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-
-
-def _my_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None, extra: int = 0):
-    """This rank's batches of ``length_batches(lengths, batch_size, max_tokens)``: a
-    contiguous run of them, of about ``1 / world`` of the padded tokens (``extra``: tokens
-    each text adds, e.g. generated ones)."""
-    from xferlens.activations.tokens import length_batches
-
-    batches = list(length_batches(lengths, batch_size, max_tokens))
-    cost = [len(b) * (max(lengths[i] for i in b) + extra) for b in batches]
-    return [batches[i] for i in xd.balanced_share(cost)]
-
-
-def _cache_share(model, texts: list[str], hooks, *, positions="all", max_length=None, progress=False) -> dict:
-    """This rank's part of ``cache_activations(model, texts, hooks, positions=...,
-    max_length=...)`` (the rest at its defaults): ``{"rows": {text index: its rows},
-    "meta": the set's meta or None}``, every batch cached as one process caches it."""
-    from tqdm.auto import tqdm
-
-    from xferlens.activations import cache_activations
-    from xferlens.activations.cache import iter_activations
-    from xferlens.activations.tokens import tokenize
-
-    kw = _defaults(cache_activations)
-    kw = {"batch_size": kw["batch_size"], "max_batch_tokens": kw["max_batch_tokens"]}
-    chunk = _defaults(iter_activations)["chunk_texts"]  # texts are batched chunk by chunk
-    mine = []
-    for c0 in range(0, len(texts), chunk):
-        tk = tokenize(model, texts[c0 : c0 + chunk], max_length=max_length)
-        lengths = [len(x) for x in tk.ids]
-        mine += [
-            [c0 + i for i in sorted(b)]
-            for b in _my_batches(lengths, kw["batch_size"], kw["max_batch_tokens"])
-        ]
-    rows, meta = {}, None
-    for idx in tqdm(mine, desc=f"cache {model.cfg.model_name}", unit="batch", disable=not progress):
-        acts = cache_activations(
-            model,
-            [texts[i] for i in idx],
-            hooks,
-            positions=positions,
-            max_length=max_length,
-            progress=False,
-            **kw,
-        )
-        meta = acts.meta
-        bounds = torch.searchsorted(acts.text_index, torch.arange(len(idx) + 1)).tolist()
-        for j, t in enumerate(idx):
-            s = slice(bounds[j], bounds[j + 1])
-            rows[t] = {
-                "position": acts.position[s],
-                "token_ids": acts.token_ids[s],
-                "char_spans": acts.char_spans[s],
-                "acts": {h: a[s] for h, a in acts.acts.items()},
-            }
-    return {"rows": rows, "meta": meta}
-
-
-def _without_acts(share: dict) -> dict:
-    rows = {t: {k: v for k, v in r.items() if k != "acts"} for t, r in share["rows"].items()}
-    return {"rows": rows, "meta": share["meta"]}
-
-
-def _joined_set(shares: list[dict], texts: list[str]):
-    """The ranks' :func:`_cache_share` parts as the one :class:`ActivationSet` over ``texts``
-    that ``cache_activations`` returns (no activations where the shares carry none)."""
-    from xferlens.activations import ActivationSet
-    from xferlens.activations.cache import texts_fingerprint
-
-    rows = {t: r for sh in shares for t, r in sh["rows"].items()}
-    assert sorted(rows) == list(range(len(texts))), "the ranks' shares do not cover the texts"
-    meta = next(sh["meta"] for sh in shares if sh["meta"] is not None)
-    per_text = [rows[t] for t in range(len(texts))]
-
-    def cat(key):
-        return torch.cat([r[key] for r in per_text])
-
-    acts = (
-        {h: torch.cat([r["acts"][h] for r in per_text]) for h in meta["hooks"]}
-        if "acts" in per_text[0]
-        else {}
-    )
-    return ActivationSet(
-        acts=acts,
-        text_index=torch.cat(
-            [torch.full((len(r["position"]),), t, dtype=torch.long) for t, r in enumerate(per_text)]
-        ),
-        position=cat("position"),
-        token_ids=cat("token_ids"),
-        char_spans=cat("char_spans").reshape(-1, 2),
-        texts=list(texts),
-        meta={**meta, "n_texts": len(texts), "texts_fingerprint": texts_fingerprint(texts)},
-    )
-
-
-def _rows_on_main(share: dict, full, idx, hooks: list[str]) -> list | None:
-    """Rows ``idx`` of ``full`` (every rank's rows, without activations) at ``hooks``, from the
-    ranks that cached them (``share``: this rank's), gathered on rank 0; None elsewhere."""
-    bounds = torch.searchsorted(full.text_index, torch.arange(len(full.texts) + 1)).tolist()
-    mine = sorted(share["rows"])
-    at = torch.full((len(full),), -1, dtype=torch.long)  # a row of full -> its place in this rank's rows
-    start = 0
-    for t in mine:
-        n = bounds[t + 1] - bounds[t]
-        at[bounds[t] : bounds[t + 1]] = torch.arange(start, start + n)
-        start += n
-    local = at[idx]
-    ks = torch.nonzero(local >= 0).flatten()
-    sent = None
-    if mine:
-        sent = {h: torch.cat([share["rows"][t]["acts"][h] for t in mine])[local[ks]] for h in hooks}
-    got = xd.gather_objects((ks, sent))
-    if got is None:
-        return None
-    got = [(k, r) for k, r in got if r is not None]
-    assert sum(len(k) for k, _ in got) == len(idx), "the ranks' rows do not cover the rows asked for"
-    out = []
-    for h in hooks:
-        first = got[0][1][h]
-        rows = torch.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
-        for k, r in got:
-            rows[k] = r[h]
-        out.append(rows)
-    return out
-
-
-def _layer_scores_split(src, tgt, texts, *, src_layers=None, tgt_layers=None, method="cka", progress=False):
-    """``layer_pair_scores(src, tgt, texts, ...)`` (its other arguments at their defaults)
-    under torchrun: each rank caches its share of the texts; every rank pairs the rows from
-    their tokens and keeps the same subsample; rank 0 gathers the rows kept and scores them.
-    The scores on rank 0 (equal to one process's), None on the others."""
-    from xferlens.activations import match_rows, resid_post, same_tokenizer
-    from xferlens.activations.positions import from_token
-    from xferlens.evaluation.layers import LayerScores, _block_outputs, _cka, _ridge_r2, layer_pair_scores
-
-    d = _defaults(layer_pair_scores)
-    src_layers = list(range(src.cfg.n_layers)) if src_layers is None else _block_outputs(src, src_layers)
-    tgt_layers = list(range(tgt.cfg.n_layers)) if tgt_layers is None else _block_outputs(tgt, tgt_layers)
-    sel = from_token(1)  # layer_pair_scores' positions: every real token but the first
-    with xd.collectively("caching the layer search"):
-        shares = [
-            _cache_share(m, texts, layers, positions=sel, progress=progress)
-            for m, layers in ((src, src_layers), (tgt, tgt_layers))
-        ]
-    a, b = (_joined_set(xd.all_gather_objects(_without_acts(sh)), texts) for sh in shares)
-    alignment = "position" if same_tokenizer(src, tgt) else "char_end"
-    si, ti = match_rows(a, b, alignment)
-    coverage = {"src": len(si) / max(1, len(a)), "tgt": len(ti) / max(1, len(b))}
-    if len(si) > d["max_rows"]:
-        g = torch.Generator().manual_seed(d["seed"])
-        keep = torch.randperm(len(si), generator=g)[: d["max_rows"]].sort().values
-        si, ti = si[keep], ti[keep]
-    xs = _rows_on_main(shares[0], a, si, [resid_post(lay) for lay in src_layers])
-    ys = _rows_on_main(shares[1], b, ti, [resid_post(lay) for lay in tgt_layers])
-    if not xd.is_main():
-        return None
-    if method == "cka":
-        scores = _cka(xs, ys, progress)
-    else:
-        scores = _ridge_r2(xs, ys, a.text_index[si], d["ridge"], progress)
-    return LayerScores(
-        scores,
-        src_layers,
-        tgt_layers,
-        method,
-        src.cfg.model_name,
-        tgt.cfg.model_name,
-        len(si),
-        meta={
-            "alignment": alignment,
-            "coverage": coverage,
-            "n_texts": len(texts),
-            "src_n_layers": src.cfg.n_layers,
-            "tgt_n_layers": tgt.cfg.n_layers,
-        },
-    )
-
-
-def _cards_split(mappers, src, tgt, texts, *, prompts, max_new_tokens, seed, positions, batch_size, progress):
-    """``evaluate_mappers(mappers, src, tgt, texts, ...)`` (controls on, the rest at its
-    defaults) under torchrun. The rows are cached in shares and gathered on every rank, and
-    every rank makes the same replacements (the mean-ablation row and the random map's
-    centring read all rows); each rank patches its share of the texts and rank 0 adds up
-    the losses; the clean and patched completions (one text at a time) are dealt out. The
-    cards on rank 0 (one process's; the patching means to float rounding), None elsewhere."""
-    from einops import reduce, repeat
-    from tqdm.auto import tqdm
-
-    from xferlens.activations import align_sets, same_tokenizer
-    from xferlens.activations.tokens import tokenize
-    from xferlens.evaluation import evaluate_mappers
-    from xferlens.evaluation.patching import (
-        MapperReport,
-        _complete,
-        _last_rows,
-        _patched_losses,
-        _reconstruction,
-    )
-    from xferlens.evaluation.text import rouge_l
-    from xferlens.mappers.controls import random_map_like
-
-    max_length = _defaults(evaluate_mappers)["max_length"]
-    (tgt_hook,) = {m.tgt_hook for m in mappers.values()}
-    src_hooks = list(dict.fromkeys(m.src_hook for m in mappers.values()))
-    alignment = "position" if same_tokenizer(src, tgt) else "char_end"
-    with xd.collectively("caching the report cards' texts"):
-        shares = [
-            _cache_share(src, texts, src_hooks, max_length=max_length, progress=progress),
-            _cache_share(tgt, texts, tgt_hook, max_length=max_length, progress=progress),
-        ]
-    a, b = (_joined_set(xd.all_gather_objects(sh), texts) for sh in shares)
-    by_hook = {h: align_sets(a, b, h, tgt_hook, alignment) for h in src_hooks}
-    if positions == "last":
-        by_hook = {h: p.select(_last_rows(p, len(texts))) for h, p in by_hook.items()}
-    pairs = by_hook[src_hooks[0]]
-    tgt_rows = pairs.tgt.float()
-    # as evaluate_mappers makes them
-    mean_row = reduce(tgt_rows, "row d -> d", "mean")
-    replacements = {"mean_ablation": repeat(mean_row, "d -> row d", row=len(tgt_rows))}
-    for name, mapper in mappers.items():
-        src_rows = by_hook[mapper.src_hook].src.float()
-        with torch.no_grad():
-            mapped = torch.cat([mapper(r) for r in src_rows.split(4096)])
-            rand = random_map_like(mapper, seed)(src_rows - reduce(src_rows, "row d -> d", "mean"))
-        replacements[f"{name}/mapped"] = mapped
-        scale = mapped.norm(dim=-1, keepdim=True) / rand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        replacements[f"{name}/random_map"] = rand * scale
-
-    tk = tokenize(tgt, texts, max_length=max_length)
-    mine = sorted(i for bt in _my_batches([len(x) for x in tk.ids], batch_size) for i in bt)
-    with xd.collectively("patching the report cards' texts"):
-        part = None
-        keep = torch.isin(pairs.text_index, torch.tensor(mine, dtype=torch.long))
-        if bool(keep.any()):
-            local = torch.full((len(texts),), -1, dtype=torch.long)
-            local[mine] = torch.arange(len(mine))
-            sub = pairs.select(keep)
-            sub = dataclasses.replace(sub, text_index=local[sub.text_index])
-            reps = {c: r[keep] for c, r in replacements.items()}
-            try:
-                part = _patched_losses(
-                    tgt, [texts[i] for i in mine], sub, reps, tgt_hook, batch_size, max_length, progress,
-                    positions == "last",
-                )[:2]  # fmt: skip
-            except ValueError as e:  # this share has nothing scored; the others may
-                if "no patched position" not in str(e):
-                    raise
-    losses = xd.gather_objects(part)
-    jobs = [(i, name) for i in range(len(prompts)) for name in (None, *mappers)]
-    share = xd.shard_indices(len(jobs))
-    with xd.collectively("the report cards' completions"):
-        done = [
-            _complete(src, tgt, prompts[i], alignment, max_new_tokens, mappers[k] if k is not None else None)
-            for i, k in tqdm(
-                [jobs[j] for j in share], desc="completions", disable=not progress or not prompts
-            )
-        ]
-    done = xd.gather_objects(done)
-    if not xd.is_main():
-        return None
-    done = dict(zip(jobs, [c for texts_of_rank in done for c in texts_of_rank], strict=True))
-    losses = [p for p in losses if p is not None]
-    n = sum(k for _, k in losses)
-    if n == 0:
-        raise ValueError("no patched position has a next token to score: use longer texts")
-    patch = {c: {k: sum(p[c][k] * m for p, m in losses) / n for k in v} for c, v in losses[0][0].items()}
-    n_text_tokens = sum(sum(not s for s in sp) for sp in tk.special)
-    recon = {c: _reconstruction(r, tgt_rows) for c, r in replacements.items()}
-    reports = {}
-    for name, mapper in mappers.items():
-        gens = [
-            {
-                "prompt": p,
-                "clean": done[(i, None)],
-                "patched": done[(i, name)],
-                "rouge_l": rouge_l(done[(i, None)], done[(i, name)]),
-            }
-            for i, p in enumerate(prompts)
-        ]
-        pick = {
-            "mean_ablation": "mean_ablation",
-            "mapped": f"{name}/mapped",
-            "random_map": f"{name}/random_map",
-        }
-        reports[name] = MapperReport(
-            mapper={
-                "name": name,
-                "kind": mapper.kind,
-                "src": f"{src.cfg.model_name} {mapper.src_hook}",
-                "tgt": f"{tgt.cfg.model_name} {tgt_hook}",
-                "n_params": mapper.n_params,
-            },
-            n_texts=len(texts),
-            n_rows=len(pairs),
-            coverage=dict(pairs.coverage),
-            reconstruction={c: recon[k] for c, k in pick.items()},
-            patching={"clean": patch["clean"], **{c: patch[k] for c, k in pick.items()}},
-            patched_fraction=len(pairs) / max(1, n_text_tokens),
-            n_positions=n,
-            generations=gens,
-        )
-    return reports
-
-
-def _steering_split(
-    model,
-    prompts,
-    vectors,
-    *,
-    alphas,
-    mode,
-    positions,
-    judge,
-    ppl_texts,
-    max_new_tokens,
-    batch_size,
-    seed,
-    progress,
-):
-    """``evaluate_steering(model, prompts, vectors, ...)`` (layers and the random control at
-    its defaults) under torchrun: each rank generates for its share of the prompts (whole
-    batches, so every reply is one process's) under every condition; the perplexities (one
-    per condition, over all of ``ppl_texts``) are dealt out by condition; rank 0 joins the
-    judged replies in prompt order and counts each row's rate and interval on all of them.
-    The report on rank 0, None elsewhere."""
-    from xferlens.activations.cache import texts_fingerprint
-    from xferlens.activations.tokens import tokenize
-    from xferlens.evaluation import evaluate_steering
-    from xferlens.evaluation.steering import SteeringReport, perplexity, random_like, wilson
-
-    kw = dict(
-        alphas=alphas, mode=mode, positions=positions, judge=judge, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, seed=seed, progress=progress,
-    )  # fmt: skip
-    if not prompts or not vectors:  # evaluate_steering refuses them, on every rank
-        return evaluate_steering(model, prompts, vectors, ppl_texts=ppl_texts, **kw)
-    alphas = [float(a) for a in alphas]
-    reference = next(iter(vectors.values()))
-    conditions = [("none", None, 0.0)]  # evaluate_steering's rows, in its order
-    for a in alphas:
-        conditions += [(label, v, a) for label, v in vectors.items()]
-        conditions.append(("random", random_like(reference, seed), a))
-    lengths = [len(x) for x in tokenize(model, prompts, max_length=2**62, truncate=False).ids]  # as generate
-    mine = sorted(i for bt in _my_batches(lengths, batch_size, extra=max_new_tokens) for i in bt)
-    with xd.collectively("the confirmation's generations"):
-        rep = evaluate_steering(model, [prompts[i] for i in mine], vectors, **kw) if mine else None
-        ppl = {}
-        for c in xd.shard_indices(len(conditions)) if ppl_texts else ():
-            _, v, a = conditions[c]
-            ppl[c] = perplexity(model, ppl_texts, vector=v, alpha=a, mode=mode)
-    parts = xd.gather_objects((mine, rep.to_dict() if rep is not None else None, ppl))
-    if parts is None:
-        return None
-    ppl = {c: x for _, _, p in parts for c, x in p.items()}
-    parts = [(idx, r) for idx, r, _ in parts if r is not None]
-    n = len(prompts)
-    rows = []
-    for c, row in enumerate(parts[0][1]["rows"]):
-        assert (row["label"], row["alpha"]) == conditions[c][::2], (row["label"], row["alpha"], conditions[c])
-        hits, outs = [None] * n, [None] * n
-        for idx, r in parts:
-            for j, i in enumerate(idx):
-                hits[i], outs[i] = r["rows"][c]["hits"][j], r["rows"][c]["completions"][j]
-        k = sum(hits)
-        rows.append(
-            {
-                **row,
-                "rate": k / n,
-                "ci": wilson(k, n),
-                "n": n,
-                "hits": hits,
-                "completions": outs,
-                "perplexity": ppl.get(c),
-            }
-        )
-    meta = {**parts[0][1]["meta"], "n_prompts": n, "prompts_fingerprint": texts_fingerprint(prompts)}
-    return SteeringReport(rows, meta)
 
 
 def _close(fig) -> None:
