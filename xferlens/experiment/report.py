@@ -92,9 +92,20 @@ def _peak(sc: dict, label: str) -> str:
     return f"{DoseResponse.from_dict(sc['dose_response']).peak(label):g}"
 
 
+#: the least gain over the unsteered score (mean log-odds, at some alpha, its interval above
+#: 0) for which the native vector counts as moving the behaviour: below it the curves are
+#: flat and a native-equivalent dose is noise (a factor e in the odds)
+MIN_NATIVE_GAIN = 1.0
+
+
 def headline(run) -> list[str]:
     """The report's first lines: the dose of each vector with its interval, whether the
-    transfer separates from random, and the judged confirmation."""
+    transfer separates from random, and the judged confirmation. Two warnings follow the
+    dose when they apply, because the dose alone would mislead: the native vector gains
+    less than :data:`MIN_NATIVE_GAIN` over none at every alpha (no lever: no dose can be
+    read), and a random direction of the native norm reaches at least the transfer's dose
+    (the behaviour gives way under any push of this size, so the run cannot show that the
+    transferred direction matters)."""
     sc, spec = run.results["scores"], run.spec
     n = len(sc["dose_response"]["none"])
     doses = sc["doses"]
@@ -107,6 +118,7 @@ def headline(run) -> list[str]:
             f"**{t['dose']:.2f} {_ci(t['ci'])}** of its dose (native-equivalent dose, 95 % bootstrap "
             "interval over prompts)."
         )
+    out += _warnings(sc, t, doses.get("random"))
     extra = []
     for lab in ("native twin", "transferred (recalibrated)", "random"):
         if lab in doses:
@@ -153,6 +165,27 @@ def headline(run) -> list[str]:
                 if auc
                 else "."
             )
+        )
+    return out
+
+
+def _warnings(sc: dict, t: dict | None, r: dict | None) -> list[str]:
+    out = []
+    gain = sc.get("native_gain")
+    if gain:
+        best = max(gain, key=lambda g: g["diff"])
+        if not any(g["diff"] >= MIN_NATIVE_GAIN and g["ci"][0] > 0 for g in gain):
+            out.append(
+                f"**The native vector barely moves the score here** (largest gain over none "
+                f"{best['diff']:.2f} {_ci(best['ci'])} log-odds at alpha {best['alpha']:g}; a readable "
+                f"dose needs {MIN_NATIVE_GAIN:g}): steering has no lever at this layer and position, "
+                "so the doses below say nothing about the transfer."
+            )
+    if t is not None and r is not None and r["dose"] >= t["dose"]:
+        out.append(
+            f"**A random direction of the native norm acts at least as strongly** (dose "
+            f"{r['dose']:.2f} vs the transfer's {t['dose']:.2f}): the behaviour gives way under any "
+            "push of this size here, so this run cannot show that the transferred direction matters."
         )
     return out
 

@@ -806,7 +806,7 @@ def _joined(parts: list, prompts: list[str]):
 
 def score_summary(spec: ExperimentSpec, dr) -> dict:
     """What the report reads off the per-prompt scores: each vector's native-equivalent dose,
-    its gap to random per alpha, the dose-response table. Recomputed whenever a finished run
+    its gap to random per alpha, native's gain over none per alpha, the dose-response table. Recomputed whenever a finished run
     is loaded, so a report always follows the current estimators (``xferlens.evaluation.dose``)."""
     e = spec.evaluation
     return {
@@ -820,6 +820,11 @@ def score_summary(spec: ExperimentSpec, dr) -> dict:
             for lab in dr.labels
             if lab != "random"
         },
+        "native_gain": (
+            dr.difference("native", "none", n_boot=e.bootstrap, seed=spec.seed).to_dict()
+            if "native" in dr.labels
+            else []
+        ),
         "markdown": dr.to_markdown(n_boot=e.bootstrap, seed=spec.seed),
     }
 
