@@ -87,6 +87,10 @@ def run_switch(args) -> dict:
     ppl_texts = [t[:600] for t in data.default_corpus(None).texts[6000 : 6000 + args.ppl_texts]]
     org = load_model(args.organism, device="cpu", progress=False)
     base = load_model(rec["base"], device="cpu", progress=False)
+    if rec.get("chat_template"):  # a base checkpoint: prompted in the organism's format
+        from xferlens.chat import chat_template
+
+        base.tokenizer.chat_template = chat_template(rec["chat_template"])
     layers = args.layers or list(range(2, org.cfg.n_layers, 3))
     hooks = [resid_post(layer) for layer in layers]
     texts = fit_texts(org, train[: args.fit_instructions], args.fit_corpus)
