@@ -806,8 +806,9 @@ def _joined(parts: list, prompts: list[str]):
 
 def score_summary(spec: ExperimentSpec, dr) -> dict:
     """What the report reads off the per-prompt scores: each vector's native-equivalent dose,
-    its gap to random per alpha, native's gain over none per alpha, the dose-response table. Recomputed whenever a finished run
-    is loaded, so a report always follows the current estimators (``xferlens.evaluation.dose``)."""
+    its gap to random per alpha, native's gain over none per alpha, the dose-response table.
+    Recomputed whenever a finished run is loaded, so a report always follows the current
+    estimators (``xferlens.evaluation.dose``)."""
     e = spec.evaluation
     return {
         "doses": {
