@@ -31,6 +31,9 @@ from xferlens.paths import home  # noqa: E402
 PAIRS = {
     "qwen": ("qwen2.5-coder-0.5b-instruct", 10, "qwen2.5-coder-1.5b-instruct", 12),
     "cross": ("smollm2-135m-instruct", 15, "qwen2.5-coder-0.5b-instruct", 10),
+    # Gemma on one side (issue 22): its middle layer (9 of 18), like SmolLM2 L15 of 30
+    "smollm2_gemma": ("smollm2-135m-instruct", 15, "gemma-3-270m", 9),
+    "gemma_qwen": ("gemma-3-270m", 9, "qwen2.5-coder-0.5b-instruct", 10),
 }
 
 
