@@ -161,7 +161,7 @@ def main() -> None:
         run_experiment(spec, folder, models=(src, tgt))
     seconds["load and run"] = time.perf_counter() - t0
     torch.manual_seed(spec.seed)
-    sets, vecs = r._prompt_sets(spec), r._target_vectors(folder, tgt)
+    sets, vecs = r._prompt_sets(spec), r._target_vectors(spec, folder, tgt)
     layers = json.loads((folder / "layers.json").read_text())
     pair = f"{spec.source.model} L{layers['src_layer']} -> {spec.target.model} L{layers['tgt_layer']}"
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "run": str(folder), "pair": pair, "args": vars(args)}

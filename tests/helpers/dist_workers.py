@@ -33,11 +33,12 @@ import torch
 #: hooks / layers used by every job (the tiny models have 3 layers)
 HOOKS = [1, 2]
 SRC_LAYER, TGT_LAYER = 1, 2
-FIT_KINDS = ("affine", "orthogonal", "autoencoder")
+FIT_KINDS = ("affine", "orthogonal", "lowrank", "autoencoder")
 #: small and fast: a couple of epochs at most, a fixed ridge grid
 FIT_CONFIGS = {
     "affine": {},
     "orthogonal": {},
+    "lowrank": {"rank_grid": [2, 4, 8]},
     "autoencoder": {"hidden": 16, "max_epochs": 2, "batch_size": 32, "seed": 0},
 }
 

@@ -97,7 +97,7 @@ def one_process(job_args, tmp_path_factory):
         src, tgt = W.load_pair(job_args)
         acts, pairs = W.cache_and_pair(job_args, src, tgt, out)
         maps = {}
-        for kind in ("affine", "orthogonal"):
+        for kind in ("affine", "orthogonal", "lowrank"):
             mapper, hist = fit_mapper(pairs, kind, W.FIT_CONFIGS[kind], progress=False)
             maps[kind] = (mapper, hist)
     finally:
@@ -163,7 +163,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("kind", ["affine", "orthogonal"])
+@pytest.mark.parametrize("kind", ["affine", "orthogonal", "lowrank"])
 def test_distributed_linear_maps_equal_the_single_process_maps(two_ranks, one_process, kind):
     _, out = two_ranks
     mapper, hist = one_process[2][kind]
@@ -173,7 +173,7 @@ def test_distributed_linear_maps_equal_the_single_process_maps(two_ranks, one_pr
     for k in want:
         assert rel_diff(got[k], want[k]) <= 1e-6, k
     rec = json.loads((out / "rank0.json").read_text())[kind]
-    for k in ("train_rows", "val_rows", "ridge"):
+    for k in ("train_rows", "val_rows", "ridge", "rank"):
         if k in hist:
             assert rec["history"][k] == hist[k], k
     assert rec["history"]["ranks"] == 2

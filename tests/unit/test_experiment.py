@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 import xferlens.experiment.run as run_mod
@@ -218,6 +219,45 @@ def test_another_spec_into_the_same_folder_is_refused(pair, tmp_path):
     assert run_experiment(other, folder, models=pair, overwrite=True, progress=False, log=None).complete
 
 
+def test_carried_maps_are_scored_beside_the_used_one(pair, tmp_path):
+    """``mapper.carry``: map variants carry the same source vector, each scored as its own
+    condition on the same prompts, with its own diagnostics row."""
+    from xferlens.mappers import load_mapper
+    from xferlens.steering import load_steering_vector
+
+    d = tiny_spec(
+        name="carry",
+        search={"texts": 0},
+        source={"layer": 1},
+        target={"layer": 1},
+        mapper={
+            "kinds": ["affine", "lowrank", "orthogonal"],
+            "carry": ["lowrank", "orthogonal"],
+            "report_texts": 2,
+            "config": {"lowrank": {"rank": 2}},
+        },
+        evaluation={"confirm_alphas": [8.0], "confirm_prompts": 2, "ppl_texts": 0},
+    )
+    folder = tmp_path / "carry"
+    run = run_experiment(spec_from_dict(d), folder, models=pair, progress=False, log=None)
+    doses = run.results["scores"]["doses"]
+    assert {"transferred", "transferred via lowrank", "transferred via orthogonal"} <= set(doses)
+    assert set(run.results["vectors"]["diagnostics_carried"]) == {"lowrank", "orthogonal"}
+    assert run.results["mappers"]["kinds"]["lowrank"]["rank"] == 2
+    src, tgt = pair
+    v_src = load_steering_vector(folder / "vectors" / "source", src)
+    for kind in ("lowrank", "orthogonal"):
+        m = load_mapper(folder / "mappers" / kind, src, tgt)
+        got = load_steering_vector(folder / "vectors" / f"transferred-via-{kind}", tgt)
+        want = m.map_direction(v_src.direction(m.src_hook).float())
+        torch.testing.assert_close(got.direction(m.tgt_hook).float(), want, rtol=1e-5, atol=1e-5)
+    labels = {r["label"] for r in run.results["confirmation"]["rows"]}
+    assert "transferred via lowrank" in labels
+    report = (folder / "report.md").read_text()
+    assert "the transfer through the `lowrank` map" in report.split("## ")[0]  # in the headline
+    assert "| lowrank |" in report and "| orthogonal |" in report  # diagnostics rows
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -242,6 +282,8 @@ def test_another_spec_into_the_same_folder_is_refused(pair, tmp_path):
         ({"mapper": {"config": {"affine": {"ridge": "abc"}}}}, "mapper.config.affine.ridge"),
         ({"mapper": {"config": {"affine": {"ridge": -5}}}}, "mapper.config.affine.ridge: -5.* negative"),
         ({"mapper": {"fit_on": "everywhere"}}, "mapper.fit_on"),
+        ({"mapper": {"carry": ["affine"]}}, r"mapper.carry\[0\]: 'affine' must be one of mapper.kinds"),
+        ({"mapper": {"carry": ["lowrank"]}}, r"mapper.carry\[0\]: 'lowrank'"),
         ({"vector": {"fit_prompts": []}}, "give vector.fit_prompts"),
         ({"vector": {"fit_prompts": ["I love the sun 1", "x"]}}, "share 1 prompt"),
         (

@@ -210,7 +210,7 @@ def test_bad_input_is_named(linear_data):
     y_inf[7] = float("inf")
     with pytest.raises(NonFiniteError, match="inf.*row 7"):
         fit_mapper(make_pairs(x, y_inf), "affine", val=make_pairs(x[:10], y[:10]), progress=False)
-    with pytest.raises(ValueError, match="registered kinds: affine, autoencoder, orthogonal"):
+    with pytest.raises(ValueError, match="registered kinds: affine, autoencoder, lowrank, orthogonal"):
         fit_mapper(make_pairs(x, y), "mlp-9000")
     with pytest.raises(ValueError, match="unknown AffineConfig field"):
         fit_mapper(make_pairs(x, y), "affine", {"ridgee": 1.0})
@@ -352,3 +352,94 @@ def test_map_direction_step_and_max_rows():
         ae.map_direction(v, x, step=0.0)
     with pytest.raises(ValueError, match="max_rows"):
         ae.map_direction(v, x, max_rows=0)
+
+
+# ---------------------------------------------------------------- lowrank (reduced-rank ridge)
+
+
+def _rrr_reference(
+    x: torch.Tensor, y: torch.Tensor, rank: int, ridge: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reduced-rank ridge regression written out in numpy: ridge as least squares on the
+    augmented rows, then the top right singular vectors of the augmented fitted values."""
+    X, Y = x.double().numpy(), y.double().numpy()
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    n, d = Xc.shape
+    s = np.trace(Xc.T @ Xc / n) / d
+    Xa = np.vstack([Xc, np.sqrt(n * ridge * s) * np.eye(d)])
+    Ya = np.vstack([Yc, np.zeros((d, Y.shape[1]))])
+    W = np.linalg.lstsq(Xa, Ya, rcond=None)[0]
+    vt = np.linalg.svd(Xa @ W, full_matrices=False)[2]
+    vr = vt[:rank].T
+    Wr = W @ vr @ vr.T
+    return Wr, my - mx @ Wr
+
+
+@pytest.fixture(scope="module")
+def rank3_data():
+    g = torch.Generator().manual_seed(1)
+    n, ds, dt = 2000, 12, 20
+    x = torch.randn(n, ds, generator=g) * 2 + 3
+    w = torch.randn(ds, 3, generator=g) @ torch.randn(3, dt, generator=g)  # true rank 3
+    y = x @ w + 1.0 + 0.3 * torch.randn(n, dt, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
+def test_lowrank_equals_numpy_reduced_rank_ridge(rank3_data, ridge):
+    x, y = rank3_data
+    p = make_pairs(x, y)
+    mapper, hist = fit_mapper(
+        p, "lowrank", {"rank": 2, "ridge": ridge, "batch_size": 300}, val=p, progress=False
+    )
+    Wr, br = _rrr_reference(x, y, 2, ridge)
+    assert mapper.rank == 2 and hist["rank"] == 2 and mapper.config.rank == 2
+    np.testing.assert_allclose(mapper.weight.detach().double().numpy(), Wr, atol=1e-4)
+    np.testing.assert_allclose(mapper.bias.detach().double().numpy(), br, atol=1e-4)
+    assert np.linalg.matrix_rank(mapper.weight.detach().double().numpy(), tol=1e-6) == 2
+    # optimal among rank-2 maps: no worse in training error than truncating the full fit's SVD
+    full, _ = fit_mapper(p, "affine", {"ridge": ridge}, val=p, progress=False)
+    u, sv, vt = np.linalg.svd(full.linear.weight.detach().double().numpy().T, full_matrices=False)
+    Wsvd = (u[:, :2] * sv[:2]) @ vt[:2]
+    X, Y = x.double().numpy(), y.double().numpy()
+
+    def sse(W):
+        b = Y.mean(0) - X.mean(0) @ W
+        return ((Y - X @ W - b) ** 2).sum()
+
+    if ridge == 0.0:
+        assert sse(Wr) <= sse(Wsvd) * (1 + 1e-9)
+
+
+def test_lowrank_at_full_rank_is_the_affine_map(linear_data):
+    x, y = linear_data
+    p = make_pairs(x, y)
+    low, _ = fit_mapper(p, "lowrank", {"rank": 64, "ridge": 0.0}, val=p, progress=False)
+    aff, _ = fit_mapper(p, "affine", {"ridge": 0.0}, val=p, progress=False)
+    assert low.rank == 12  # min(d_src, d_tgt)
+    torch.testing.assert_close(low(x[:50]), aff(x[:50]), atol=1e-3, rtol=1e-4)
+
+
+def test_lowrank_rank_is_chosen_on_validation(rank3_data):
+    x, y = rank3_data
+    mapper, hist = fit_mapper(make_pairs(x, y), "lowrank", {"rank_grid": [1, 2, 3, 4, 8, 12]}, progress=False)
+    by = {r["rank"]: r["val_mse"] for r in hist["rank_candidates"]}
+    assert sorted(by) == [1, 2, 3, 4, 8, 12]
+    assert by[2] > 2 * by[3]  # below the true rank the error is large ...
+    assert mapper.rank >= 3 and by[mapper.rank] <= by[3] * 1.01  # ... above it, nothing gained
+    assert mapper.rank == min(by, key=by.get)
+    assert mapper.meta["history"]["rank"] == mapper.rank
+
+
+def test_lowrank_bad_input_is_named(rank3_data):
+    x, y = rank3_data
+    p = make_pairs(x, y)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        fit_mapper(p, "lowrank", {"rank": 0, "ridge": 0.0}, val=p, progress=False)
+    from xferlens.mappers import LowRankConfig, LowRankMapper
+
+    with pytest.raises(ValueError, match="built with a rank"):
+        LowRankMapper(12, 20, LowRankConfig())
+    with pytest.raises(ValueError, match="unknown LowRankConfig field"):
+        fit_mapper(p, "lowrank", {"ranks": 3}, progress=False)

@@ -96,6 +96,8 @@ def _peak(sc: dict, label: str) -> str:
 #: 0) for which the native vector counts as moving the behaviour: below it the curves are
 #: flat and a native-equivalent dose is noise (a factor e in the odds)
 MIN_NATIVE_GAIN = 1.0
+#: label prefix of the vectors carried by ``mapper.carry``'s maps (``run.carried_name``)
+VIA = "transferred via "
 
 
 def headline(run) -> list[str]:
@@ -120,13 +122,14 @@ def headline(run) -> list[str]:
         )
     out += _warnings(sc, t, doses.get("random"))
     extra = []
-    for lab in ("native twin", "transferred (recalibrated)", "random"):
+    via = [lab for lab in doses if lab.startswith(VIA)]
+    for lab in ("native twin", *via, "transferred (recalibrated)", "random"):
         if lab in doses:
             what = {
                 "native twin": "the native recipe on other prompts (the twin, the yardstick)",
                 "transferred (recalibrated)": "the recalibrated transfer",
                 "random": "a random direction of the native norm",
-            }[lab]
+            }.get(lab) or f"the transfer through the `{lab[len(VIA):]}` map"
             extra.append(f"{what}: {doses[lab]['dose']:.2f} {_ci(doses[lab]['ci'])}")
     if extra:
         out.append("For comparison, " + "; ".join(extra) + ".")
@@ -292,11 +295,16 @@ def write_report(run) -> Path:
             f"(`xferlens.evaluation.transfer_diagnostics`), on {int(dg['n_rows'])} rows "
             f"({dg.get('where', 'last token')}) of {dg['prompts']} the map was not fitted on:",
             "",
-            "| round trip cosine | round trip length | fidelity along the vector (R^2) | spread ratio "
+            "| map | round trip cosine | round trip length | fidelity along the vector (R^2) | spread ratio "
             "(target / mapped) | probe agreement (Spearman): transferred | native |",
-            "|---|---|---|---|---|---|",
-            f"| {f(dg['round_trip_cosine'])} | {f(dg['round_trip_length'])} | {f(dg['subspace_r2'])} | "
-            f"{f(dg['spread_ratio'])} | {f(dg['probe_spearman'])} | {f(dg['native_probe_spearman'])} |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = {vec["mapper"]: dg, **(vec.get("diagnostics_carried") or {})}
+        out += [
+            f"| {k} | {f(d['round_trip_cosine'])} | {f(d['round_trip_length'])} | {f(d['subspace_r2'])} | "
+            f"{f(d['spread_ratio'])} | {f(d['probe_spearman'])} | {f(d['native_probe_spearman'])} |"
+            for k, d in rows.items()
+            if d
         ]
     out += [
         "",
@@ -395,9 +403,10 @@ def _prompt_note(spec, vec) -> str:
 def _completions(st: dict, alpha: float, n: int = 4) -> list[str]:
     rows = {(r["label"], r["alpha"]): r for r in st["rows"]}
     none = next(r for r in st["rows"] if r["label"] == "none")
+    via = sorted({lab for lab, _ in rows if lab.startswith(VIA)})
     show = [
         lab
-        for lab in ("native", "native twin", "transferred", "transferred (recalibrated)", "random")
+        for lab in ("native", "native twin", "transferred", *via, "transferred (recalibrated)", "random")
         if (lab, alpha) in rows
     ]
     head = "| prompt | none | " + " | ".join(f"{lab} (alpha {alpha:g})" for lab in show) + " |"

@@ -550,7 +550,10 @@ BACKWARD = "backward_affine"
 
 def _history_summary(hist: dict) -> dict:
     keep = {k: v for k, v in hist.items() if isinstance(v, int | float | str | bool) or v is None}
-    if "candidates" in hist:
+    if hist.get("rank_candidates"):  # lowrank: the chosen rank's figures, not the full-rank ridge's
+        best = next(r for r in hist["rank_candidates"] if r["rank"] == hist["rank"])
+        keep["val_fvu"], keep["val_mse"] = best["val_fvu"], best["val_mse"]
+    elif "candidates" in hist:
         best = min(hist["candidates"], key=lambda r: r["val_mse"])
         keep["val_fvu"], keep["val_mse"] = best.get("val_fvu"), best["val_mse"]
     elif "best_val_mse" in hist:
@@ -609,6 +612,18 @@ VECTOR_NAMES = ("source", "native", "native twin", "transferred", "transferred (
 TARGET_VECTORS = VECTOR_NAMES[1:]
 
 
+def carried_name(kind: str) -> str:
+    """The label of the vector carried by the ``kind`` map of ``mapper.carry``."""
+    return f"transferred via {kind}"
+
+
+def _target_names(spec) -> list[str]:
+    """Target vectors in report order: native, twin, transferred, the carried maps' transfers,
+    the recalibrated transfer."""
+    i = TARGET_VECTORS.index("transferred") + 1
+    return [*TARGET_VECTORS[:i], *(carried_name(k) for k in spec.mapper.carry), *TARGET_VECTORS[i:]]
+
+
 def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.evaluation import select_by_behaviour
     from xferlens.safetensors_io import load_unmapped
@@ -642,11 +657,14 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     vecs = {"source": v_src, "native": v_nat}
     if sets["twin_positive"]:
         vecs["native twin"] = build(tgt, lt, "native twin", sets["twin_positive"], sets["twin_negative"])
-    mapper = _load_mapper(folder, spec.mapper.use, src, tgt)  # only the one that transfers
+    mapper = _load_mapper(folder, spec.mapper.use, src, tgt)  # the one that transfers ...
+    carried = {k: _load_mapper(folder, k, src, tgt) for k in spec.mapper.carry}  # ... and the compared
     rows = None
-    if not mapper.is_linear:  # the mean-difference transfer reads real source activations
+    if not all(m.is_linear for m in [mapper, *carried.values()]):  # mean-difference transfer
         rows = load_unmapped(folder / "mappers" / "fit_source_rows.safetensors")["src"]
     vecs["transferred"] = transfer(v_src, mapper, source_rows=rows)
+    for k, m in carried.items():
+        vecs[carried_name(k)] = transfer(v_src, m, source_rows=rows)
     held = _held_out_pairs(spec, src, tgt, sets, mapper, progress)
     how = spec.evaluation.recalibrated
     if how == "shrinkage":
@@ -663,6 +681,7 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     for name, v in vecs.items():
         v.save(folder / "vectors" / _slug(name))
     diagnostics = _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat)
+    by_map = {k: _diagnostics(folder, src, tgt, held, m, v_src, v_nat) for k, m in carried.items()}
     nat = v_nat.direction().float().cpu()
     cos = {
         n: float(torch.nn.functional.cosine_similarity(v.direction().float().cpu(), nat, dim=0))
@@ -676,6 +695,7 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         "cosine_to_native": cos,
         "vectors": {n: {"norm": v.norm(), "relative_norm": v.relative_norm()} for n, v in vecs.items()},
         "diagnostics": diagnostics,
+        "diagnostics_carried": by_map,
     }
 
 
@@ -733,12 +753,12 @@ def _slug(name: str) -> str:
     return name.replace(" (", "-").replace(")", "").replace(" ", "-")
 
 
-def _target_vectors(folder, tgt) -> dict:
+def _target_vectors(spec, folder, tgt) -> dict:
     from xferlens.steering import load_steering_vector
 
     return {
         n: load_steering_vector(folder / "vectors" / _slug(n), tgt)
-        for n in TARGET_VECTORS
+        for n in _target_names(spec)
         if (folder / "vectors" / _slug(n)).exists()
     }
 
@@ -750,7 +770,7 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict | None
 
     src, tgt = _both_models(mdl)
     e = spec.evaluation
-    vecs = _target_vectors(folder, tgt)
+    vecs = _target_vectors(spec, folder, tgt)
     trig = _trigger_positions(spec)
     prompts = _chat(tgt, spec, sets["eval"])
     share = xd.shard_indices(len(prompts)) if xd.active() else range(len(prompts))
@@ -838,7 +858,7 @@ def _confirmation(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     from xferlens.evaluation.dose import DoseResponse
 
     src, tgt = _both_models(mdl)
-    vecs = _target_vectors(folder, tgt)
+    vecs = _target_vectors(spec, folder, tgt)
     prompts = sets["eval"][: e.confirm_prompts]
     ppl = _corpus(spec, "ppl", e.ppl_texts, held_out) if e.ppl_texts else None
     trig = _trigger_positions(spec)

@@ -91,6 +91,10 @@ class MapperSpec:
     report_texts: int = 6
     #: prompts for clean-vs-patched greedy completions in the report cards
     report_prompts: int = 1
+    #: other kinds of ``kinds`` whose maps also carry the vector, each scored as one more
+    #: condition (``transferred via <kind>``) beside ``use``'s: map variants compared on
+    #: the same prompts, in one run (each adds prompts x alphas forward passes)
+    carry: list[str] = field(default_factory=list)
     #: per-kind config overrides, e.g. ``{autoencoder: {max_epochs: 5}}``
     config: dict[str, dict] = field(default_factory=dict)
 
@@ -371,6 +375,12 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
             raise SpecError(f"mapper.kinds[{i}]: unknown kind {k!r}; registered: {sorted(kinds)}")
     if spec.mapper.use not in spec.mapper.kinds:
         raise SpecError(f"mapper.use: {spec.mapper.use!r} is not among mapper.kinds {spec.mapper.kinds}")
+    for i, k in enumerate(spec.mapper.carry):
+        if k not in spec.mapper.kinds or k == spec.mapper.use or spec.mapper.carry.index(k) != i:
+            raise SpecError(
+                f"mapper.carry[{i}]: {k!r} must be one of mapper.kinds {spec.mapper.kinds} other than "
+                f"mapper.use ({spec.mapper.use!r}), once"
+            )
     for k, cfg in spec.mapper.config.items():
         if k not in spec.mapper.kinds:
             raise SpecError(f"mapper.config.{k}: no such kind in mapper.kinds {spec.mapper.kinds}")

@@ -2,7 +2,7 @@
 
 >>> from xferlens.mappers import fit_mapper, load_mapper, MAPPERS  # doctest: +SKIP
 >>> sorted(MAPPERS)  # doctest: +SKIP
-['affine', 'autoencoder', 'orthogonal']
+['affine', 'autoencoder', 'lowrank', 'orthogonal']
 """
 
 from xferlens.mappers.affine import AffineConfig, AffineMapper
@@ -19,6 +19,7 @@ from xferlens.mappers.base import (
 from xferlens.mappers.controls import RandomMapper, random_direction_like, random_map_like
 from xferlens.mappers.fit import fit_mapper
 from xferlens.mappers.io import MapperFileError, load_mapper, save_mapper
+from xferlens.mappers.lowrank import LowRankConfig, LowRankMapper
 from xferlens.mappers.orthogonal import OrthogonalConfig, OrthogonalMapper
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "AffineMapper",
     "AutoencoderConfig",
     "AutoencoderMapper",
+    "LowRankConfig",
+    "LowRankMapper",
     "Mapper",
     "MapperConfig",
     "MapperFileError",
