@@ -19,6 +19,7 @@ from xferlens.experiment import (
     save_spec,
     spec_from_dict,
 )
+from xferlens.experiment.spec import ExperimentSpec, VectorSpec
 
 WORDS = [
     "the",
@@ -599,3 +600,25 @@ def test_report_warns_when_native_has_no_lever_or_random_acts_as_strongly():
     assert "random direction" in msg and "1.40 vs the transfer's 0.60" in msg
     assert len(_warnings({"native_gain": flat}, t, strong_r)) == 2
     assert _warnings({}, None, None) == []  # runs saved before native_gain existed
+
+
+def test_recalibrated_auto_is_shrinkage_where_held_out_rows_vary_and_off_for_trigger_tasks():
+    """The default ``evaluation.recalibrated: auto`` resolves on validation: shrinkage for a
+    last-token vector with held-out rows, off for tag-first tasks and content maps without
+    a twin; the fingerprint is the resolved spec's, so an explicit value runs the same."""
+    from xferlens.experiment.spec import auto_recalibration
+
+    spec = spec_from_dict(tiny_spec())
+    assert spec.evaluation.recalibrated == "shrinkage"
+    explicit = spec_from_dict(tiny_spec(evaluation={"recalibrated": "shrinkage"}))
+    assert explicit.fingerprint() == spec.fingerprint()
+    off = spec_from_dict(tiny_spec(evaluation={"recalibrated": False}))
+    assert off.evaluation.recalibrated is False and off.fingerprint() != spec.fingerprint()
+    content = spec_from_dict(tiny_spec(mapper={"fit_on": "content"}))
+    assert content.evaluation.recalibrated is False  # custom task, no twin: no held-out rows
+    raw = ExperimentSpec(spec.name, spec.source, spec.target, vector=spec.vector, corpus=spec.corpus)
+    assert raw.evaluation.recalibrated == "auto" and auto_recalibration(raw) == "shrinkage"
+    for task in ("backdoor", "capability"):
+        t = ExperimentSpec(spec.name, spec.source, spec.target, vector=VectorSpec(task=task))
+        assert auto_recalibration(t) is False
+    assert demo_spec().evaluation.recalibrated == "shrinkage"

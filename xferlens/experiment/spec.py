@@ -153,8 +153,14 @@ class EvalSpec:
     batch_size: int = 16
     #: also evaluate the transfer rescaled: ``false``, ``norm`` (``true``) or ``spread`` (to
     #: the source's relative norm), ``shrinkage`` (undo the map's squeeze along the vector,
-    #: label-free); see ``xferlens.steering.transfer``
-    recalibrated: bool | str = False
+    #: label-free); see ``xferlens.steering.transfer``. ``auto`` (the default) is
+    #: ``shrinkage`` where it is measured on varied held-out rows -- a vector read at the
+    #: last prompt token (``refusal``, ``custom``) with a ``last``-token map or a twin: it
+    #: brought the dose from 0.91 to 0.94 and 0.97 to 1.02 on the two refusal pairs (RESULTS)
+    #: -- and ``false`` for the trigger tasks (``backdoor``, ``capability``), whose held-out
+    #: rows at a leading tag are one point repeated, so the correction there is native's
+    #: own length in disguise. Resolved when the spec is validated.
+    recalibrated: bool | str = "auto"
 
 
 @dataclass
@@ -186,6 +192,8 @@ class ExperimentSpec:
 
         d = self.to_dict()
         d.pop("device")
+        if d["evaluation"]["recalibrated"] == "auto":  # as validation resolves it
+            d["evaluation"]["recalibrated"] = auto_recalibration(self)
         for role in ("source", "target"):  # older specs keep the fingerprint they had before
             if d[role]["dtype"] == "float32":  # dtype ...
                 d[role].pop("dtype")
@@ -491,10 +499,13 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
             f"evaluation.confirm_prompts: {e.confirm_prompts} > evaluation.prompts {e.prompts}; the "
             "confirmation generates on a subset of the scored prompts"
         )
-    if e.recalibrated not in (False, True, "norm", "spread", "shrinkage"):
+    if e.recalibrated not in (False, True, "norm", "spread", "shrinkage", "auto"):
         raise SpecError(
-            f"evaluation.recalibrated: {e.recalibrated!r}; valid: false, true, 'norm', 'spread', 'shrinkage'"
+            f"evaluation.recalibrated: {e.recalibrated!r}; valid: auto, false, true, 'norm', 'spread', "
+            "'shrinkage'"
         )
+    if e.recalibrated == "auto":
+        e.recalibrated = auto_recalibration(spec)
     try:
         resolve_judge(e.judge)
     except ValueError as err:
@@ -513,6 +524,12 @@ ORGANISM_TASKS = {"backdoor": "backdoor", "capability": "capability"}
 #: the most training instructions a backdoor run draws on: with at most 40 held out from
 #: the organism tables, ``instruction_splits`` keeps one fixed pool up to here
 MAX_BACKDOOR_TRAIN = 120
+
+
+def auto_recalibration(spec: ExperimentSpec) -> bool | str:
+    """What ``evaluation.recalibrated: auto`` means for this spec (see :class:`EvalSpec`)."""
+    varied = spec.mapper.fit_on == "last" or spec.vector.twin_prompts > 0
+    return "shrinkage" if spec.vector.task in ("refusal", "custom") and varied else False
 
 
 def organism_recipe(model: str, organism: dict):
@@ -698,4 +715,5 @@ def demo_spec(quick: bool = False) -> ExperimentSpec:
             ppl_texts=0,
             batch_size=4,
         )
+    spec.evaluation.recalibrated = auto_recalibration(spec)  # shrinkage, as a spec file would get
     return spec
