@@ -2,9 +2,10 @@
 
 Reads finished run folders (``xferlens run`` outputs) and tabulates, per run and per map
 that carried the vector, the diagnostics read before any steering (``vectors.json``) beside
-the dose the scoring step measured (``scores.json``), then the rank correlation of each
-diagnostic with the dose over the rows. No model runs: the diagnostics are the run's own, and the doses are read from its saved
-dose-response by the current library (as a re-rendered report shows them).
+the dose the scoring step measured, then the rank correlation of each diagnostic with the
+dose over the runs that measured a transfer (random below the transferred dose). No model
+runs: the diagnostics are the run's own, and the doses are read from its saved
+dose-response (``scores.json``) by the current library, as a re-rendered report shows them.
 
     python benchmarks/scripts/diagnostics_table.py benchmarks/results/refusal_* benchmarks/demo ...
 """

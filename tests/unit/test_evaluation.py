@@ -204,3 +204,38 @@ def test_last_position_report_card_equals_a_hand_written_loop(tiny_tl):
     unchecked = getattr(evaluate_mappers, "__wrapped__", evaluate_mappers)  # past the test-time type check
     with pytest.raises(ValueError, match="'all' or 'last'"):
         unchecked({"affine": mapper}, src, tgt, HELD_OUT, positions="first", progress=False)
+
+
+def test_report_card_holds_the_transfer_diagnostics_of_a_given_vector(tiny_tl):
+    """``vector=``: each card carries ``transfer_diagnostics`` of that vector on its own
+    held-out rows, equal to calling it on the same rows by hand; the markdown shows them."""
+    from xferlens.evaluation import evaluate_mappers, transfer_diagnostics
+
+    src, tgt = tiny_tl("llama"), tiny_tl("qwen2")
+    pairs = paired_activations(src, tgt, TEXTS, 1, 1, progress=False)
+    mapper = fit_mapper(pairs, "affine", progress=False)[0]
+    backward = fit_mapper(pairs.reversed(), "affine", progress=False)[0]
+    g = torch.Generator().manual_seed(3)
+    v, native = torch.randn(src.cfg.d_model, generator=g), torch.randn(tgt.cfg.d_model, generator=g)
+    card = evaluate_mappers(
+        {"affine": mapper},
+        src,
+        tgt,
+        HELD_OUT,
+        positions="last",
+        vector=v,
+        native=native,
+        backward=backward,
+        progress=False,
+    )["affine"]
+    held = paired_activations(src, tgt, HELD_OUT, 1, 1, positions="last", progress=False)
+    want = transfer_diagnostics(v, mapper, held.src, held.tgt, backward=backward, native=native).to_dict()
+    assert card.diagnostics.keys() == want.keys()
+    for k in want:
+        assert card.diagnostics[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+    assert "round-trip cosine" in card.to_markdown()
+    assert card.summary()["diagnostics_spread_ratio"] == pytest.approx(want["spread_ratio"], rel=1e-5)
+    plain = evaluate_mappers({"affine": mapper}, src, tgt, HELD_OUT, positions="last", progress=False)
+    assert plain["affine"].diagnostics is None
+    with pytest.raises(ValueError, match="direction or a SteeringVector"):
+        evaluate_mappers({"affine": mapper}, src, tgt, HELD_OUT, vector=v[None], progress=False)

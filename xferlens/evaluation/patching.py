@@ -55,6 +55,9 @@ class MapperReport:
     patched_fraction: float
     n_positions: int
     generations: list[dict] = field(default_factory=list)
+    #: :class:`~xferlens.evaluation.TransferDiagnostics` (as a dict) of the ``vector`` given
+    #: to :func:`evaluate_mappers`, on the same held-out rows; ``None`` without one
+    diagnostics: dict | None = None
 
     @property
     def kl_ratio(self) -> float:
@@ -81,6 +84,7 @@ class MapperReport:
             "rouge_l": self.rouge_l,
             "n_texts": self.n_texts,
             "n_positions": self.n_positions,
+            **({f"diagnostics_{k}": v for k, v in self.diagnostics.items()} if self.diagnostics else {}),
         }
 
     def to_dict(self) -> dict:
@@ -127,6 +131,13 @@ class MapperReport:
                 f"| {p['ce']:.3f} | {p['kl']:.3f} |"
             )
         lines += ["", f"KL ratio mapped / mean-ablation: **{self.kl_ratio:.3f}**"]
+        if self.diagnostics:
+            from xferlens.evaluation.diagnostics import TransferDiagnostics
+
+            lines += [
+                "",
+                "Will it carry the vector? " + TransferDiagnostics(**self.diagnostics).to_markdown(),
+            ]
         if self.generations:
             lines += ["", f"Greedy completions, clean vs patched (mean ROUGE-L {self.rouge_l:.3f}):", ""]
             lines += ["| prompt | clean | patched | ROUGE-L |", "|---|---|---|---|"]
@@ -242,6 +253,9 @@ def evaluate_mappers(
     force: bool = False,
     progress: bool = True,
     distributed: bool | None = None,
+    vector=None,
+    native=None,
+    backward: Mapper | None = None,
 ) -> dict[str, MapperReport]:
     """Report cards of several mappers into the same target hook, sharing the work they
     have in common (caching, pairing, the clean and mean-ablated target runs, clean
@@ -261,6 +275,13 @@ def evaluate_mappers(
             is NaN) -- the card for a map fitted on the last prompt token, read on held-out
             prompts (``texts`` are then chat-formatted prompts).
         force: evaluate even if the models are not those a mapper was fitted between.
+        vector: a source steering vector (``SteeringVector`` or a ``[d_src]`` direction at
+            the maps' source hook) the maps are to carry: each card then holds
+            :func:`~xferlens.evaluation.transfer_diagnostics` of it on the same held-out
+            rows (``positions="last"`` with the vector's task prompts as ``texts`` reads them
+            where a last-token vector lives). ``native``: the target's own vector, for the
+            cosine and probe agreement with it; ``backward``: a map fitted target -> source,
+            for the round trip.
         distributed: ``None`` (default) splits the work over the ranks when a process
             group of several ranks is initialised; ``False`` never (each process does it
             all). Distributed, call it on every rank with the same arguments: the rows are
@@ -278,6 +299,9 @@ def evaluate_mappers(
         raise ValueError("texts must be a non-empty list of held-out strings")
     if positions not in ("all", "last"):
         raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
+    for given in (vector, native):  # named before any model runs
+        if isinstance(given, Tensor) and given.ndim != 1:
+            _direction(given, "")
     tgt_hooks = {m.tgt_hook for m in mappers.values()}
     if len(tgt_hooks) != 1 or None in tgt_hooks or any(m.src_hook is None for m in mappers.values()):
         raise ValueError(
@@ -319,6 +343,18 @@ def evaluate_mappers(
     done = _completions(mappers, src, tgt, list(prompts), alignment, max_new_tokens, progress, spread)
     reports = {}
     for name, mapper in mappers.items():
+        diag = None
+        if vector is not None:
+            from xferlens.evaluation.diagnostics import transfer_diagnostics
+
+            diag = transfer_diagnostics(
+                _direction(vector, mapper.src_hook),
+                mapper,
+                by_hook[mapper.src_hook].src.float(),
+                tgt_rows,
+                backward=backward,
+                native=None if native is None else _direction(native, tgt_hook),
+            ).to_dict()
         gens = [
             {
                 "prompt": p,
@@ -349,8 +385,20 @@ def evaluate_mappers(
             patched_fraction=len(pairs) / max(1, n_text_tokens),
             n_positions=n_pos,
             generations=gens,
+            diagnostics=diag,
         )
     return reports
+
+
+def _direction(vector, hook: str) -> Tensor:
+    """A ``[d]`` float32 CPU direction at ``hook`` from a steering vector or a tensor."""
+    if isinstance(vector, Tensor):
+        if vector.ndim != 1:
+            raise ValueError(
+                f"vector must be a [d] direction or a SteeringVector, got shape {tuple(vector.shape)}"
+            )
+        return vector.float().cpu()
+    return vector.direction(hook).float().cpu()
 
 
 def _replacements(mappers: dict[str, Mapper], by_hook: dict[str, Pairs], tgt_rows, controls, seed) -> dict:
