@@ -47,6 +47,7 @@ def rows_of(folder: Path) -> list[dict]:
                 "run": folder.name,
                 "task": task,
                 "map": kind,
+                "used": kind == vec["mapper"],
                 "n": len(sc["dose_response"]["none"]),
                 "dose": dose["dose"],
                 "ci": dose["ci"],
@@ -81,15 +82,32 @@ def main() -> None:
         )
     # a run whose random direction reaches the transfer's dose measured no transfer (the
     # report's warning): its dose says nothing about the map, so it is left out here
-    valid = [r for r in rows if not r["random"] >= r["dose"]]
-    corr = {}
+    # one row per run (the map it used): carried variants of the same run would count the
+    # same prompts twice
+    valid = [r for r in rows if not r["random"] >= r["dose"] and r["used"]]
+    groups = {
+        "all tasks": valid,
+        # tag-first tasks read their held-out rows at a leading tag: one point repeated
+        "last-token vectors (refusal)": [r for r in valid if r["task"] in ("refusal", "custom")],
+    }
+    corr: dict = {g: {} for g in groups}
+    for g, sel in groups.items():
+        for k in (*DIAG, "cosine_to_native"):
+            pts = [(r[k], r["dose"]) for r in sel if r[k] == r[k]]
+            if len(pts) >= 4:
+                rho, p = spearmanr([a for a, _ in pts], [b for _, b in pts])
+                corr[g][k] = {"spearman": float(rho), "p": float(p), "n": len(pts)}
+    heads = list(groups)
+    lines += [
+        "",
+        "| diagnostic | " + " | ".join(f"Spearman with the dose, {g} (p, runs)" for g in heads) + " |",
+        "|---|" + "---|" * len(heads),
+    ]
     for k in (*DIAG, "cosine_to_native"):
-        pts = [(r[k], r["dose"]) for r in valid if r[k] == r[k]]
-        if len(pts) >= 4:
-            rho, p = spearmanr([a for a, _ in pts], [b for _, b in pts])
-            corr[k] = {"spearman": float(rho), "p": float(p), "n": len(pts)}
-    lines += ["", "| diagnostic | Spearman with the dose | p | rows |", "|---|---|---|---|"]
-    lines += [f"| {k} | {c['spearman']:.2f} | {c['p']:.2f} | {c['n']} |" for k, c in corr.items()]
+        cells = [
+            f"{c['spearman']:.2f} ({c['p']:.2f}, {c['n']})" if (c := corr[g].get(k)) else "–" for g in heads
+        ]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     args.out.write_text(json.dumps({"rows": rows, "correlation": corr}, indent=1))
     print("\n".join(lines))
 
