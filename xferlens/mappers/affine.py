@@ -119,8 +119,9 @@ class AffineMapper(Mapper):
     ):
         """``distributed=True``: ``train``/``val`` are this rank's parts (see ``fit_mapper``)."""
         t0 = time.perf_counter()
-        m = Moments.of(
+        m, mv = Moments.of_train_val(
             train,
+            val,
             batch_size=config.batch_size,
             progress=progress and is_main(),
             desc="affine: X^T X",
@@ -128,14 +129,7 @@ class AffineMapper(Mapper):
         )
         records: list[dict] = []
         ridge = config.ridge
-        if val is not None:
-            mv = Moments.of(
-                val,
-                batch_size=config.batch_size,
-                shift=(m.shift_x, m.shift_y),
-                desc="validation",
-                distributed=distributed,
-            )
+        if mv is not None:
             if ridge is None:
                 ridge, records = choose_ridge(m, mv, config.ridge_grid, distributed=distributed)
             else:
@@ -147,7 +141,7 @@ class AffineMapper(Mapper):
         history = {
             "kind": cls.kind,
             "train_rows": m.n,
-            "val_rows": None if val is None else mv.n if distributed else len(val),
+            "val_rows": None if mv is None else mv.n if distributed else len(val),
             "ridge": float(ridge),
             "train_mse": m.sse(w, b) / (m.n * w.shape[1]),
             "candidates": records,

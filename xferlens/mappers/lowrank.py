@@ -117,8 +117,9 @@ class LowRankMapper(Mapper):
         if config.rank is not None and config.rank < 1:
             raise ValueError(f"rank must be >= 1 (or None to choose on validation), got {config.rank}")
         t0 = time.perf_counter()
-        m = Moments.of(
+        m, mv = Moments.of_train_val(
             train,
+            val,
             batch_size=config.batch_size,
             progress=progress and is_main(),
             desc="lowrank: X^T X",
@@ -126,15 +127,6 @@ class LowRankMapper(Mapper):
         )
         d_src, d_tgt = m.shift_x.numel(), m.shift_y.numel()
         full = min(d_src, d_tgt)
-        mv = None
-        if val is not None:
-            mv = Moments.of(
-                val,
-                batch_size=config.batch_size,
-                shift=(m.shift_x, m.shift_y),
-                desc="validation",
-                distributed=distributed,
-            )
         ridge = config.ridge
         ridge_records: list[dict] = []
         if ridge is None:

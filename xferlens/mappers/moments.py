@@ -106,6 +106,31 @@ class Moments:
         return m
 
     @classmethod
+    def of_train_val(
+        cls,
+        train: PairSource,
+        val: PairSource | None,
+        *,
+        batch_size: int = 4096,
+        progress: bool = False,
+        desc: str = "moments",
+        distributed: bool = False,
+    ) -> tuple["Moments", "Moments | None"]:
+        """The training rows' moments and the validation rows' (``None`` without ``val``),
+        both shifted by the training offset so their figures compare (see :meth:`of`)."""
+        m = cls.of(train, batch_size=batch_size, progress=progress, desc=desc, distributed=distributed)
+        if val is None:
+            return m, None
+        mv = cls.of(
+            val,
+            batch_size=batch_size,
+            shift=(m.shift_x, m.shift_y),
+            desc="validation",
+            distributed=distributed,
+        )
+        return m, mv
+
+    @classmethod
     def _of_distributed(
         cls, source: PairSource, batch_size: int, shift, progress: bool, desc: str
     ) -> "Moments":
