@@ -113,11 +113,11 @@ def probe_agreement(
             f"source_rows ({len(source_rows)}) and target_rows ({len(target_rows)}) must hold the same "
             "prompts, at least 3"
         )
-    a = (source_rows.double().cpu() @ source_vector.double().cpu()).numpy()
-    b = (target_rows.double().cpu() @ target_vector.double().cpu()).numpy()
+    a = source_rows.double().cpu() @ source_vector.double().cpu()
+    b = target_rows.double().cpu() @ target_vector.double().cpu()
     return {
-        "spearman": float(spearmanr(a, b).statistic),
-        "pearson": float(torch.corrcoef(torch.tensor([a, b]))[0, 1]),
+        "spearman": float(spearmanr(a.numpy(), b.numpy()).statistic),
+        "pearson": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
         "n": len(a),
     }
 
