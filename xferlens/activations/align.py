@@ -24,7 +24,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from xferlens.activations.cache import ActivationSet, cache_activations, texts_fingerprint
-from xferlens.activations.hooks import Layer, hook_name
+from xferlens.activations.hooks import HookSpec, Layer, hook_name, joined_hook, split_hook
 from xferlens.activations.positions import Selector
 from xferlens.identity import ModelId
 from xferlens.types import RowIndex, SrcRows, TgtRows
@@ -186,16 +186,18 @@ def match_rows(src: ActivationSet, tgt: ActivationSet, alignment: str) -> tuple[
 
 
 def align_sets(
-    src: ActivationSet, tgt: ActivationSet, src_hook: Layer | str, tgt_hook: Layer | str, alignment: str
+    src: ActivationSet, tgt: ActivationSet, src_hook: HookSpec, tgt_hook: Layer | str, alignment: str
 ) -> Pairs:
     """Pair the rows of two activation sets over the same texts (see module docs); hooks
-    by name or layer number."""
-    src_hook, tgt_hook = hook_name(src_hook), hook_name(tgt_hook)
+    by name or layer number. ``src_hook`` may be several hooks (a list, or a name joined by
+    ``+``): the source rows are then theirs side by side, in order (a multi-layer source)."""
+    src_hook = joined_hook(split_hook(src_hook) if isinstance(src_hook, str) else src_hook)
+    tgt_hook = hook_name(tgt_hook)
     si, ti = match_rows(src, tgt, alignment)
     n_texts = len(src.texts)
     coverage = {"src": len(si) / max(1, len(src)), "tgt": len(ti) / max(1, len(tgt))}
     return Pairs(
-        src=src.rows(src_hook)[si],
+        src=torch.cat([src.rows(h)[si] for h in split_hook(src_hook)], dim=-1),
         tgt=tgt.rows(tgt_hook)[ti],
         text_index=src.text_index[si],
         src_position=src.position[si],
@@ -220,7 +222,7 @@ def paired_activations(
     src: HookedTransformer,
     tgt: HookedTransformer,
     texts: Sequence[str],
-    src_hook: int | str,
+    src_hook: HookSpec,
     tgt_hook: int | str,
     *,
     positions: Selector = "all",
@@ -235,7 +237,11 @@ def paired_activations(
     """Run ``texts`` through both models and pair their activations row by row.
 
     Args:
-        src_hook, tgt_hook: layer numbers (``resid_post``) or hook names.
+        src_hook, tgt_hook: layer numbers (``resid_post``) or hook names. ``src_hook`` may
+            be several (e.g. ``[14, 15]``): each row is then those layers' activations side
+            by side, and a map fitted on the pairs reads them all (its source hook is the
+            joined name ``blocks.14.hook_resid_post+blocks.15.hook_resid_post``; a vector
+            carried by it needs a direction at each of those hooks).
         positions: which tokens to use (see :mod:`xferlens.activations.positions`); a
             text-based selector picks the same text in both models.
         alignment: ``"auto"`` (``"position"`` when the tokenizers are identical, else
@@ -263,4 +269,4 @@ def paired_activations(
     )
     a = cache_activations(src, texts, src_hook, **kw)
     b = cache_activations(tgt, texts, tgt_hook, **kw)
-    return align_sets(a, b, a.hooks[0], b.hooks[0], alignment)
+    return align_sets(a, b, a.hooks, b.hooks[0], alignment)

@@ -57,6 +57,28 @@ def hook_name(spec: Layer | str) -> str:
     return spec
 
 
+#: joins the hooks of a multi-layer source: ``blocks.14.hook_resid_post+blocks.15.hook_resid_post``
+#: names the rows of both hooks side by side (a map from several source layers)
+JOIN = "+"
+
+
+def joined_hook(hooks: HookSpec) -> str:
+    """One hook name for one hook; several (a list of layers or names) joined by ``+``: the
+    name of a multi-layer source, whose rows are those hooks' rows concatenated in order."""
+    names = hook_names(hooks)
+    if not names:
+        raise ValueError("no hooks given")
+    return JOIN.join(names)
+
+
+def split_hook(name: str) -> list[str]:
+    """The hooks of a (possibly) joined hook name, in order."""
+    parts = name.split(JOIN)
+    if any(not p for p in parts):
+        raise ValueError(f"hook name {name!r} has an empty part")
+    return parts
+
+
 def hook_names(hooks: HookSpec) -> list[str]:
     """:func:`hook_name` of one spec or of each of a list (order kept, duplicates dropped)."""
     items = [hooks] if _single(hooks) else list(hooks)

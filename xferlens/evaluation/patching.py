@@ -31,6 +31,7 @@ from xferlens.activations import (
     same_tokenizer,
     token_rows,
 )
+from xferlens.activations.hooks import split_hook
 from xferlens.activations.shares import cache_split
 from xferlens.activations.tokens import length_batches, pad_batch, padding_side, tokenize
 from xferlens.evaluation.score import _final_logprobs
@@ -320,7 +321,8 @@ def evaluate_mappers(
     spread = xd.active(distributed)
     alignment = "position" if same_tokenizer(src, tgt) else "char_end"
     cache = cache_split if spread else cache_activations
-    a = cache(src, texts, src_hooks, max_length=max_length, progress=progress)
+    parts = list(dict.fromkeys(h for joined in src_hooks for h in split_hook(joined)))  # multi-layer maps
+    a = cache(src, texts, parts, max_length=max_length, progress=progress)
     b = cache(tgt, texts, tgt_hook, max_length=max_length, progress=progress)
     # the pairing depends on tokens only: every source hook gets the same rows
     by_hook: dict[str, Pairs] = {h: align_sets(a, b, h, tgt_hook, alignment) for h in src_hooks}
@@ -528,11 +530,12 @@ def _greedy_step(mapper, src, tgt, text: str, alignment: str, patch: bool) -> in
     tokens = torch.tensor([tk.ids[0]], device=tgt.cfg.device)
     hooks = []
     if patch:
-        s = cache_activations(src, [text], mapper.src_hook, progress=False)
+        hooks_in = split_hook(mapper.src_hook)
+        s = cache_activations(src, [text], hooks_in, progress=False)
         t = token_rows(tgt, [text])
         si, ti = match_rows(s, t, alignment)
         with torch.no_grad():
-            rep = mapper(s.rows()[si].float())
+            rep = mapper(torch.cat([s.rows(h)[si] for h in hooks_in], dim=-1).float())
         full = torch.zeros((1, tokens.shape[1], mapper.d_tgt))
         mask = torch.zeros((1, tokens.shape[1]), dtype=torch.bool)
         full[0, t.position[ti]] = rep

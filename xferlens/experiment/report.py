@@ -129,7 +129,7 @@ def headline(run) -> list[str]:
                 "native twin": "the native recipe on other prompts (the twin, the yardstick)",
                 "transferred (recalibrated)": "the recalibrated transfer",
                 "random": "a random direction of the native norm",
-            }.get(lab) or f"the transfer through the `{lab[len(VIA):]}` map"
+            }.get(lab) or f"the transfer through the `{lab[len(VIA) :]}` map"
             extra.append(f"{what}: {doses[lab]['dose']:.2f} {_ci(doses[lab]['ci'])}")
     if extra:
         out.append("For comparison, " + "; ".join(extra) + ".")

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import JOIN
 from xferlens.errors import ModelMismatchError, XferlensError
 from xferlens.identity import ModelId, check
 
@@ -248,9 +249,12 @@ class Mapper(nn.Module):
                 continue
             sides.append((label, ModelId.read(self.meta, role), model))
             d = self.d_src if role == "src" else self.d_tgt
-            if model.cfg.d_model != d:
+            hooks = self.src_hook.count(JOIN) + 1 if role == "src" and self.src_hook else 1
+            if model.cfg.d_model * hooks != d:  # a multi-layer source reads several hooks
                 widths.append(
-                    f"{label} d_model: mapper expects {d}, {model.cfg.model_name} has {model.cfg.d_model}"
+                    f"{label} d_model: mapper expects {d // hooks}"
+                    + (f" at each of {hooks} hooks" if hooks > 1 else "")
+                    + f", {model.cfg.model_name} has {model.cfg.d_model}"
                 )
         check(
             f"this {self.kind} mapper was fitted for {self._side('src')} -> {self._side('tgt')}, "

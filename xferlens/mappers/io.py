@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
+from xferlens.activations.hooks import split_hook
 from xferlens.artifacts import (
     ArtifactError,
     check_count,
@@ -101,13 +102,16 @@ def check_header(header: dict, where: Path) -> None:
         n_layers = side.get("n_layers")
         if n_layers is not None:
             check_count(n_layers, f"meta.{role}.n_layers", at, err)
-        if side.get("d_model") is not None and side["d_model"] != widths[role]:
+        hooks = [side["hook"]] if not isinstance(side.get("hook"), str) else split_hook(side["hook"])
+        if side.get("d_model") is not None and side["d_model"] * len(hooks) != widths[role]:
             raise err(
-                f"{at}: meta.{role}.d_model is {side['d_model']!r}, but the mapper is "
-                f"{header['d_src']} -> {header['d_tgt']}; get the artifact again"
+                f"{at}: meta.{role}.d_model is {side['d_model']!r}"
+                + (f" at each of {len(hooks)} hooks" if len(hooks) > 1 else "")
+                + f", but the mapper is {header['d_src']} -> {header['d_tgt']}; get the artifact again"
             )
         if side.get("hook") is not None:
-            check_hook_name(side["hook"], f"{at} (meta.{role}.hook)", err, n_layers=n_layers)
+            for h in hooks:  # a multi-layer source names several, joined by "+"
+                check_hook_name(h, f"{at} (meta.{role}.hook)", err, n_layers=n_layers)
         for key in ("name", "weights", "tokenizer"):
             if side.get(key) is not None and not isinstance(side[key], str):
                 raise err(

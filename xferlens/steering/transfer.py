@@ -106,7 +106,9 @@ def transfer(
             squeeze along the transferred direction (``Mapper.shrinkage``, label-free);
             ``False``: raw.
         hook: which of the vector's hooks to transfer, by name or layer number (default:
-            the mapper's source hook if the vector has it, else the vector's only one).
+            the mapper's source hook if the vector has it, else the vector's only one). A
+            multi-layer map (source hook ``a+b``, fitted on ``paired_activations(..., [la,
+            lb], ...)``) carries the vector's directions at ``a`` and ``b`` together.
         tgt_hook: the target hook (name or layer number) when the mapper does not record one.
 
     Example:
@@ -116,7 +118,7 @@ def transfer(
     if hook is not None:
         hook = hook_name(hook)
     else:
-        hook = mapper.src_hook if mapper.src_hook in vector.directions else vector.hook
+        hook = mapper.src_hook if vector.has(mapper.src_hook) else vector.hook
     _check_source(vector, mapper, hook)
     tgt_hook = hook_name(tgt_hook) if tgt_hook is not None else (mapper.tgt_hook or hook)
     t = mapper.map_direction(vector.direction(hook), source_rows, method)

@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from xferlens.activations.hooks import Layer, hook_name
+from xferlens.activations.hooks import JOIN, Layer, hook_name, split_hook
 from xferlens.artifacts import (
     ArtifactError,
     check_count,
@@ -91,8 +91,19 @@ class SteeringVector:
         return name
 
     def direction(self, hook: Layer | str | None = None) -> Tensor:
-        """The direction at ``hook`` (a hook name or a layer number; default: the only one)."""
+        """The direction at ``hook`` (a hook name or a layer number; default: the only one).
+        A joined name (``a+b``, a multi-layer map's source hook) gives the directions at
+        each of its hooks side by side."""
+        if isinstance(hook, str) and JOIN in hook:
+            return torch.cat([self.direction(h) for h in split_hook(hook)])
         return self.directions[self._hook(hook)]
+
+    def has(self, hook: Layer | str | None) -> bool:
+        """Whether the vector has a direction at ``hook`` (at every part of a joined name)."""
+        if hook is None:
+            return False
+        names = split_hook(hook) if isinstance(hook, str) else [hook_name(hook)]
+        return all(hook_name(h) in self.directions for h in names)
 
     def norm(self, hook: Layer | str | None = None) -> float:
         return float(self.direction(hook).float().norm())
