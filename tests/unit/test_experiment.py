@@ -328,7 +328,12 @@ def test_float32_specs_keep_their_fingerprint_and_dtype_changes_it():
     for role in ("source", "target"):
         d[role].pop("dtype")
         d[role].pop("organism")  # nor before organisms
+    d["mapper"].pop("carry")  # nor before mapper.carry
     assert spec.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    carried = dataclasses.replace(
+        spec, mapper=dataclasses.replace(spec.mapper, kinds=["affine", "orthogonal"], carry=["orthogonal"])
+    )
+    assert carried.fingerprint() != spec.fingerprint()
     other = dataclasses.replace(spec, target=dataclasses.replace(spec.target, dtype="bfloat16"))
     assert other.fingerprint() != spec.fingerprint()
     org = dataclasses.replace(spec, target=dataclasses.replace(spec.target, organism={"n_train": 8}))

@@ -194,6 +194,8 @@ class ExperimentSpec:
         d.pop("device")
         if d["evaluation"]["recalibrated"] == "auto":  # as validation resolves it
             d["evaluation"]["recalibrated"] = auto_recalibration(self)
+        if not d["mapper"]["carry"]:  # ... and mapper.carry existed
+            d["mapper"].pop("carry")
         for role in ("source", "target"):  # older specs keep the fingerprint they had before
             if d[role]["dtype"] == "float32":  # dtype ...
                 d[role].pop("dtype")
