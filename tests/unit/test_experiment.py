@@ -627,3 +627,19 @@ def test_recalibrated_auto_is_shrinkage_where_held_out_rows_vary_and_off_for_tri
         t = ExperimentSpec(spec.name, spec.source, spec.target, vector=VectorSpec(task=task))
         assert auto_recalibration(t) is False
     assert demo_spec().evaluation.recalibrated == "shrinkage"
+
+
+def test_every_committed_benchmark_spec_still_matches_its_run_folder():
+    """A new spec field must leave older fingerprints alone (``ExperimentSpec.fingerprint``),
+    or every committed run folder refuses to resume and re-render."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    checked = 0
+    for path in sorted((root / "specs").glob("*.yaml")):
+        status = root / "results" / path.stem / "status.json"
+        if status.is_file():
+            want = json.loads(status.read_text())["spec_fingerprint"]
+            assert load_spec(path).fingerprint() == want, path.name
+            checked += 1
+    assert checked >= 10
