@@ -302,7 +302,9 @@ def evaluate_mappers(
         raise ValueError(f"positions must be 'all' or 'last', not {positions!r}")
     for given in (vector, native):  # named before any model runs
         if isinstance(given, Tensor) and given.ndim != 1:
-            _direction(given, "")
+            raise ValueError(
+                f"vector must be a [d] direction or a SteeringVector, got shape {tuple(given.shape)}"
+            )
     tgt_hooks = {m.tgt_hook for m in mappers.values()}
     if len(tgt_hooks) != 1 or None in tgt_hooks or any(m.src_hook is None for m in mappers.values()):
         raise ValueError(
@@ -393,12 +395,9 @@ def evaluate_mappers(
 
 
 def _direction(vector, hook: str) -> Tensor:
-    """A ``[d]`` float32 CPU direction at ``hook`` from a steering vector or a tensor."""
+    """A ``[d]`` float32 CPU direction at ``hook`` from a steering vector or a tensor (its
+    shape checked on entry to :func:`evaluate_mappers`)."""
     if isinstance(vector, Tensor):
-        if vector.ndim != 1:
-            raise ValueError(
-                f"vector must be a [d] direction or a SteeringVector, got shape {tuple(vector.shape)}"
-            )
         return vector.float().cpu()
     return vector.direction(hook).float().cpu()
 

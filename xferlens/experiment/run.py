@@ -614,7 +614,9 @@ TARGET_VECTORS = VECTOR_NAMES[1:]
 
 def carried_name(kind: str) -> str:
     """The label of the vector carried by the ``kind`` map of ``mapper.carry``."""
-    return f"transferred via {kind}"
+    from xferlens.experiment.report import VIA
+
+    return f"{VIA}{kind}"
 
 
 def _target_names(spec) -> list[str]:
@@ -680,8 +682,9 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         vecs["transferred (recalibrated)"] = transfer(v_src, mapper, source_rows=rows, recalibrate=how)
     for name, v in vecs.items():
         v.save(folder / "vectors" / _slug(name))
-    diagnostics = _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat)
-    by_map = {k: _diagnostics(folder, src, tgt, held, m, v_src, v_nat) for k, m in carried.items()}
+    backward = _backward_mapper(folder, src, tgt) if held is not None else None
+    diagnostics = _diagnostics(held, mapper, backward, v_src, v_nat)
+    by_map = {k: _diagnostics(held, m, backward, v_src, v_nat) for k, m in carried.items()}
     nat = v_nat.direction().float().cpu()
     cos = {
         n: float(torch.nn.functional.cosine_similarity(v.direction().float().cpu(), nat, dim=0))
@@ -729,15 +732,20 @@ def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
     return pairs
 
 
-def _diagnostics(folder, src, tgt, held, mapper, v_src, v_nat) -> dict:
+def _backward_mapper(folder, src, tgt):
+    """The target -> source affine map fitted beside the others (for the round trip), if any."""
+    from xferlens.mappers import load_mapper
+
+    back_dir = folder / "mappers" / BACKWARD
+    return load_mapper(back_dir, tgt, src, device=src.cfg.device) if back_dir.exists() else None
+
+
+def _diagnostics(held, mapper, backward, v_src, v_nat) -> dict:
     """``xferlens.evaluation.transfer_diagnostics`` on the held-out rows."""
     from xferlens.evaluation import transfer_diagnostics
-    from xferlens.mappers import load_mapper
 
     if held is None:
         return {}
-    back_dir = folder / "mappers" / BACKWARD
-    backward = load_mapper(back_dir, tgt, src, device=src.cfg.device) if back_dir.exists() else None
     d = transfer_diagnostics(
         v_src.direction(mapper.src_hook).float().cpu(),
         mapper,

@@ -85,6 +85,20 @@ def choose_ridge(
     return best["ridge"], rows
 
 
+def pick_ridge(
+    m: Moments, mv: Moments | None, ridge: float | None, grid, *, distributed: bool = False
+) -> tuple[float, list[dict]]:
+    """``ridge`` itself (``None``: the ``grid`` value chosen on the validation moments ``mv``)
+    and the validation figures of every candidate solved (none without ``mv``)."""
+    if mv is None:
+        if ridge is None:
+            raise ValueError("ridge=None chooses the penalty on validation rows: pass val pairs or set ridge")
+        return float(ridge), []
+    if ridge is None:
+        return choose_ridge(m, mv, grid, distributed=distributed)
+    return float(ridge), choose_ridge(m, mv, [ridge])[1]
+
+
 @register
 class AffineMapper(Mapper):
     """``y = x W + b`` (a single ``nn.Linear``)."""
@@ -127,16 +141,8 @@ class AffineMapper(Mapper):
             desc="affine: X^T X",
             distributed=distributed,
         )
-        records: list[dict] = []
-        ridge = config.ridge
-        if mv is not None:
-            if ridge is None:
-                ridge, records = choose_ridge(m, mv, config.ridge_grid, distributed=distributed)
-            else:
-                _, records = choose_ridge(m, mv, [ridge])
-        elif ridge is None:
-            raise ValueError("ridge=None chooses the penalty on validation rows: pass val pairs or set ridge")
-        w, b = ridge_solution(m, float(ridge))
+        ridge, records = pick_ridge(m, mv, config.ridge, config.ridge_grid, distributed=distributed)
+        w, b = ridge_solution(m, ridge)
         mapper = cls(m.shift_x.numel(), m.shift_y.numel(), config).set_solution(w, b)
         history = {
             "kind": cls.kind,

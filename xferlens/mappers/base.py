@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from xferlens.activations.hooks import JOIN
+from xferlens.activations.hooks import split_hook
 from xferlens.errors import ModelMismatchError, XferlensError
 from xferlens.identity import ModelId, check
 
@@ -249,7 +249,7 @@ class Mapper(nn.Module):
                 continue
             sides.append((label, ModelId.read(self.meta, role), model))
             d = self.d_src if role == "src" else self.d_tgt
-            hooks = self.src_hook.count(JOIN) + 1 if role == "src" and self.src_hook else 1
+            hooks = len(split_hook(self.src_hook)) if role == "src" and self.src_hook else 1
             if model.cfg.d_model * hooks != d:  # a multi-layer source reads several hooks
                 widths.append(
                     f"{label} d_model: mapper expects {d // hooks}"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from xferlens.distributed import is_main
-from xferlens.mappers.affine import DEFAULT_GRID, choose_ridge, ridge_solution
+from xferlens.mappers.affine import DEFAULT_GRID, pick_ridge, ridge_solution
 from xferlens.mappers.base import Mapper, MapperConfig, PairSource, register
 from xferlens.mappers.moments import Moments
 
@@ -127,15 +127,8 @@ class LowRankMapper(Mapper):
         )
         d_src, d_tgt = m.shift_x.numel(), m.shift_y.numel()
         full = min(d_src, d_tgt)
-        ridge = config.ridge
-        ridge_records: list[dict] = []
-        if ridge is None:
-            if mv is None:
-                raise ValueError(
-                    "ridge=None chooses the penalty on validation rows: pass val pairs or set ridge"
-                )
-            ridge, ridge_records = choose_ridge(m, mv, config.ridge_grid, distributed=distributed)
-        w, v = reduced_rank(m, float(ridge))
+        ridge, ridge_records = pick_ridge(m, mv, config.ridge, config.ridge_grid, distributed=distributed)
+        w, v = reduced_rank(m, ridge)
         rank = config.rank
         records: list[dict] = []
         if mv is not None:
