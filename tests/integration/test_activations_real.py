@@ -95,3 +95,11 @@ def test_prompt_sets_have_provenance_and_disjoint_splits():
     train, test = harmful.split(0.5, seed=0)
     assert not set(train.texts) & set(test.texts) and len(train) + len(test) == len(harmful)
     assert "HarmBench" in harmful.license
+    # the map's extra fit sources never draw a prompt of the task's pools
+    pool = set(data.harmless_prompts(None).texts) | set(harmful.texts)
+    for name in data.FIT_SOURCES:
+        extra = data.fit_source_prompts(name, 500, max_chars=300)
+        assert len(extra) == 500 and extra.license and not set(extra.texts) & pool
+        assert max(len(t) for t in extra.texts) <= 300
+    with pytest.raises(ValueError, match="'wiki': no such source"):
+        data.fit_source_prompts("wiki")

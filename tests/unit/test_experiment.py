@@ -259,6 +259,54 @@ def test_carried_maps_are_scored_beside_the_used_one(pair, tmp_path):
     assert "| lowrank |" in report and "| orthogonal |" in report  # diagnostics rows
 
 
+def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, monkeypatch):
+    """``mapper.fit_sources``: ``mapper.fit_prompts`` prompts from each source join the fit
+    rows (one last-token row each), never a prompt of the task's sets; the fingerprint
+    of a spec without the key is the one it had before the key existed."""
+    from xferlens import data
+
+    d = tiny_spec(
+        name="sources",
+        search={"texts": 0},
+        source={"layer": 1},
+        target={"layer": 1},
+        mapper={"kinds": ["affine"], "fit_prompts": 5, "fit_sources": ["books"], "report_texts": 2},
+        evaluation={"confirm_alphas": [], "confirm_prompts": 0, "ppl_texts": 0},
+    )
+    spec = spec_from_dict(d)
+    pool = ["Tell me about the town 0"] + [f"A passage about the harbour, page {i}." for i in range(8)]
+    asked = []
+
+    def fake(source, n=None, *, max_chars=600, seed=0, home=None):
+        asked.append((source, max_chars))
+        return data.TextSet(f"fit_source_{source}", list(pool), "test", "test")
+
+    monkeypatch.setattr(data, "fit_source_prompts", fake)
+    sets = run_mod._prompt_sets(spec)
+    assert asked == [("books", spec.corpus_chars)]
+    # the eval prompt in the pool is skipped; the next five are taken
+    assert sets["fit_extra"] == pool[1:6]
+    run = run_experiment(spec, tmp_path / "sources", models=pair, progress=False, log=None)
+    assert run.results["mappers"]["rows"] == len(spec.vector.fit_prompts) + 5
+    # too few prompts outside the task's sets: named before any work
+    monkeypatch.setattr(data, "fit_source_prompts", lambda *a, **k: data.TextSet("x", pool[:3], "t", "t"))
+    with pytest.raises(
+        SpecError, match="'books' has 2 prompts outside the task's sets.*lower mapper.fit_prompts"
+    ):
+        run_mod._prompt_sets(spec)
+    plain = spec_from_dict(tiny_spec())
+    assert (
+        plain.fingerprint()
+        == spec_from_dict(
+            {**tiny_spec(), "mapper": {**tiny_spec()["mapper"], "fit_sources": []}}
+        ).fingerprint()
+    )
+    assert (
+        spec.fingerprint()
+        != spec_from_dict({**d, "mapper": {**d["mapper"], "fit_sources": []}}).fingerprint()
+    )
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -285,6 +333,9 @@ def test_carried_maps_are_scored_beside_the_used_one(pair, tmp_path):
         ({"mapper": {"fit_on": "everywhere"}}, "mapper.fit_on"),
         ({"mapper": {"carry": ["affine"]}}, r"mapper.carry\[0\]: 'affine' must be one of mapper.kinds"),
         ({"mapper": {"carry": ["lowrank"]}}, r"mapper.carry\[0\]: 'lowrank'"),
+        ({"mapper": {"fit_sources": ["wiki"]}}, r"mapper.fit_sources\[0\]: 'wiki' must be one of 'chat'"),
+        ({"mapper": {"fit_sources": ["chat", "chat"]}}, r"mapper.fit_sources\[1\]: 'chat'.*each once"),
+        ({"mapper": {"fit_sources": ["books"], "fit_on": "content"}}, "set mapper.fit_on: last"),
         ({"vector": {"fit_prompts": []}}, "give vector.fit_prompts"),
         ({"vector": {"fit_prompts": ["I love the sun 1", "x"]}}, "share 1 prompt"),
         (

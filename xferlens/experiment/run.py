@@ -266,8 +266,31 @@ def _trigger_positions(spec: ExperimentSpec):
 
 def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
     """Every prompt set of the run, disjoint (asserted): the vector's (``positive`` /
-    ``negative``), the native twin's, the map's (``fit_positive`` / ``fit_negative``) and the
-    held-out evaluation prompts (``eval``; the first ``confirm_prompts`` also generate)."""
+    ``negative``), the native twin's, the map's (``fit_positive`` / ``fit_negative``, and
+    ``fit_extra`` from ``mapper.fit_sources``) and the held-out evaluation prompts
+    (``eval``; the first ``confirm_prompts`` also generate)."""
+    from xferlens import data
+
+    sets = _task_sets(spec)
+    m = spec.mapper
+    sets["fit_extra"] = []
+    if m.fit_on == "last":
+        taken = {t for xs in sets.values() for t in xs}
+        for name in m.fit_sources:
+            pool = data.fit_source_prompts(name, max_chars=spec.corpus_chars, seed=spec.seed + 2)
+            fresh = [t for t in pool if t not in taken][: m.fit_prompts]
+            if len(fresh) < m.fit_prompts:
+                raise SpecError(
+                    f"mapper.fit_sources: {name!r} has {len(fresh)} prompts outside the task's sets, "
+                    f"mapper.fit_prompts asks {m.fit_prompts}; lower mapper.fit_prompts"
+                )
+            sets["fit_extra"] += fresh
+            taken |= set(fresh)
+    return sets
+
+
+def _task_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
+    """The task's own prompt sets (see :func:`_prompt_sets`)."""
     from xferlens import data
 
     v, e, m = spec.vector, spec.evaluation, spec.mapper
@@ -465,7 +488,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     ls, lt = results["layers"]["src_layer"], results["layers"]["tgt_layer"]
     if spec.mapper.fit_on == "last":
         fmt = tgt if spec.mapper.fit_format == "target" else src
-        texts = _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"])
+        texts = _chat(fmt, spec, sets["fit_positive"] + sets["fit_negative"] + sets["fit_extra"])
         where = "last"
     elif spec.vector.task in ("backdoor", "capability"):  # the trigger in its chat context, and general text
         fmt = tgt if spec.mapper.fit_format == "target" else src

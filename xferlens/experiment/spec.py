@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from xferlens import zoo
+from xferlens.data import FIT_SOURCES
 from xferlens.errors import XferlensError
 
 
@@ -83,6 +84,12 @@ class MapperSpec:
     fit_prompts: int = 300
     #: ``fit_on: last``: chat template the fit prompts are formatted with (``target`` or ``source``)
     fit_format: str = "target"
+    #: ``fit_on: last``: more sources whose chat-formatted prompts the map is also fitted on
+    #: (last token, ``fit_prompts`` from each, disjoint from every task set; see
+    #: ``xferlens.data.fit_source_prompts``): ``chat`` (long ShareGPT requests), ``books``
+    #: (novel passages as the user's message), cut to ``corpus_chars``. Empty: the task's
+    #: prompts alone
+    fit_sources: list[str] = field(default_factory=list)
     #: ``fit_on: content``: corpus texts the map is fitted on (the vector's prompts are added)
     fit_texts: int = 120
     #: held-out corpus texts for the report cards (0: no report card). With ``fit_on: last``
@@ -194,8 +201,9 @@ class ExperimentSpec:
         d.pop("device")
         if d["evaluation"]["recalibrated"] == "auto":  # as validation resolves it
             d["evaluation"]["recalibrated"] = auto_recalibration(self)
-        if not d["mapper"]["carry"]:  # ... and mapper.carry existed
-            d["mapper"].pop("carry")
+        for key in ("carry", "fit_sources"):  # ... and these keys existed
+            if not d["mapper"][key]:
+                d["mapper"].pop(key)
         for role in ("source", "target"):  # older specs keep the fingerprint they had before
             if d[role]["dtype"] == "float32":  # dtype ...
                 d[role].pop("dtype")
@@ -402,6 +410,16 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
     m = spec.mapper
     _choice("mapper.fit_on", m.fit_on, ("last", "content"))
     _choice("mapper.fit_format", m.fit_format, ("target", "source"))
+    for i, name in enumerate(m.fit_sources):
+        if name not in FIT_SOURCES or m.fit_sources.index(name) != i:
+            raise SpecError(
+                f"mapper.fit_sources[{i}]: {name!r} must be one of {', '.join(map(repr, FIT_SOURCES))}, "
+                "each once"
+            )
+    if m.fit_sources and m.fit_on != "last":
+        raise SpecError(
+            f"mapper.fit_sources: {m.fit_sources} adds last-token rows; set mapper.fit_on: last or remove it"
+        )
     if m.fit_on == "content" and m.fit_texts < 1:
         raise SpecError(f"mapper.fit_texts: {m.fit_texts}; need at least 1 with fit_on: content")
     if m.fit_on == "last" and spec.vector.task == "refusal" and m.fit_prompts < 2:
