@@ -259,6 +259,61 @@ def test_carried_maps_are_scored_beside_the_used_one(pair, tmp_path):
     assert "| lowrank |" in report and "| orthogonal |" in report  # diagnostics rows
 
 
+def test_a_multi_layer_source_runs_end_to_end_and_fits_the_map_the_library_fits(pair, tmp_path):
+    """``source.layers``: the map reads the source layers side by side, the source vector is
+    built at each, and the run's map is the one ``paired_activations`` with the list gives."""
+    from xferlens.activations import paired_activations
+    from xferlens.mappers import fit_mapper, load_mapper
+    from xferlens.steering import load_steering_vector
+
+    d = tiny_spec(
+        name="multi",
+        search={"texts": 0},
+        source={"layers": [0, 2]},
+        target={"layer": 1},
+        mapper={"kinds": ["affine"], "report_texts": 2},
+        evaluation={"confirm_alphas": [8.0], "confirm_prompts": 2, "ppl_texts": 0},
+    )
+    spec = spec_from_dict(d)
+    folder = tmp_path / "multi"
+    run = run_experiment(spec, folder, models=pair, progress=False, log=None)
+    assert run.complete and run.results["layers"]["src_layer"] == [0, 2]
+    src, tgt = pair
+    m = load_mapper(folder / "mappers" / "affine", src, tgt)
+    assert (
+        m.src_hook == "blocks.0.hook_resid_post+blocks.2.hook_resid_post" and m.d_src == 2 * src.cfg.d_model
+    )
+    pairs = paired_activations(src, tgt, spec.vector.fit_prompts, [0, 2], 1, positions="last", progress=False)
+    want, _ = fit_mapper(pairs, "affine", progress=False)
+    torch.testing.assert_close(m.map_direction(torch.ones(m.d_src)), want.map_direction(torch.ones(m.d_src)))
+    v_src = load_steering_vector(folder / "vectors" / "source", src)
+    assert v_src.has("blocks.0.hook_resid_post") and v_src.has("blocks.2.hook_resid_post")
+    got = load_steering_vector(folder / "vectors" / "transferred", tgt)
+    torch.testing.assert_close(
+        got.direction(m.tgt_hook).float(),
+        m.map_direction(v_src.direction(m.src_hook).float()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert "transferred (recalibrated)" in run.results["scores"]["doses"]  # shrinkage on held-out rows
+    assert run.results["vectors"]["diagnostics"]["n_rows"] > 0
+    report = (folder / "report.md").read_text()
+    assert report.startswith("# multi: tiny-src L0+2 -> tiny-tgt L1") and "`source.layers`" in report
+    with pytest.raises(SpecError, match=r"source.layers: 5 is not a layer of tiny-src \(valid 0..2\)"):
+        run_experiment(
+            spec_from_dict({**d, "source": {**d["source"], "layers": [0, 5]}}),
+            tmp_path / "x",
+            models=pair,
+            log=None,
+        )
+    # a one-layer spec keeps its fingerprint
+    one = tiny_spec()
+    assert (
+        spec_from_dict(one).fingerprint()
+        == spec_from_dict({**one, "source": {**one["source"], "layers": []}}).fingerprint()
+    )
+
+
 def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, monkeypatch):
     """``mapper.fit_sources``: ``mapper.fit_prompts`` prompts from each source join the fit
     rows (one last-token row each), never a prompt of the task's sets; the fingerprint
@@ -333,6 +388,11 @@ def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, mo
         ({"mapper": {"fit_on": "everywhere"}}, "mapper.fit_on"),
         ({"mapper": {"carry": ["affine"]}}, r"mapper.carry\[0\]: 'affine' must be one of mapper.kinds"),
         ({"mapper": {"carry": ["lowrank"]}}, r"mapper.carry\[0\]: 'lowrank'"),
+        ({"source": {"layer": 1, "layers": [0, 1]}}, r"source.layer \(1\) and source.layers \(\[0, 1\]\)"),
+        ({"source": {"layers": [1, 0]}, "target": {"layer": 1}}, "two or more increasing layers"),
+        ({"source": {"layers": [1]}, "target": {"layer": 1}}, "two or more increasing layers"),
+        ({"source": {"layers": [0, 1]}}, "needs target.layer"),
+        ({"target": {"layers": [0, 1]}}, "target.layers.*give target.layer"),
         ({"mapper": {"fit_sources": ["wiki"]}}, r"mapper.fit_sources\[0\]: 'wiki' must be one of 'chat'"),
         ({"mapper": {"fit_sources": ["chat", "chat"]}}, r"mapper.fit_sources\[1\]: 'chat'.*each once"),
         ({"mapper": {"fit_sources": ["books"], "fit_on": "content"}}, "set mapper.fit_on: last"),

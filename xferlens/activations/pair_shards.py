@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 
 from xferlens.activations.align import Pairs, paired_activations
 from xferlens.activations.cache import storage_dtype, texts_fingerprint
+from xferlens.activations.hooks import HookSpec
 from xferlens.activations.positions import Selector
 from xferlens.activations.shards import ShardError, _sha256, read_manifest, read_verified_shard, write_staged
 from xferlens.distributed import active, balanced_owner, is_main, shard_indices, world_size
@@ -39,7 +40,7 @@ def pairs_to_disk(
     src: HookedTransformer,
     tgt: HookedTransformer,
     texts: Sequence[str],
-    src_hook: int | str,
+    src_hook: HookSpec,
     tgt_hook: int | str,
     folder: str | os.PathLike,
     *,

@@ -193,13 +193,19 @@ def _warnings(sc: dict, t: dict | None, r: dict | None) -> list[str]:
     return out
 
 
+def layer_label(layer: int | list[int]) -> str:
+    """``12`` for one layer, ``14+15+16`` for a multi-layer source."""
+    return "+".join(map(str, layer)) if isinstance(layer, list | tuple) else str(layer)
+
+
 def write_report(run) -> Path:
     spec, res, folder = run.spec, run.results, Path(run.folder)
     lay, vec, maps, sc = res["layers"], res["vectors"], res["mappers"], res["scores"]
     conf = res.get("confirmation") or {"rows": []}
     total = sum(run.seconds.values())
     out = [
-        f"# {spec.name}: {spec.source.model} L{lay['src_layer']} -> {spec.target.model} L{lay['tgt_layer']}",
+        f"# {spec.name}: {spec.source.model} L{layer_label(lay['src_layer'])} -> {spec.target.model} "
+        f"L{lay['tgt_layer']}",
         "",
         *headline(run),
         "",
@@ -224,6 +230,12 @@ def write_report(run) -> Path:
         ]
     else:
         out += ["Both layers set in the spec (no search).", ""]
+        if isinstance(lay["src_layer"], list):
+            out[-1:-1] = [
+                f"The source is read at {len(lay['src_layer'])} layers side by side "
+                f"(L{layer_label(lay['src_layer'])}, `source.layers`): the map's input is their residual "
+                "streams concatenated, and the source vector is built at each."
+            ]
     where = (
         "the last prompt token of task prompts disjoint from the vector's and the evaluation's"
         if maps.get("fit_on", "content") == "last"
@@ -285,7 +297,12 @@ def write_report(run) -> Path:
     ]
     for n, v in vec["vectors"].items():
         c = "1" if n == "native" else ("-" if n not in cos else f"{cos[n]:.3f}")
-        out.append(f"| {n} | {v['norm']:.3g} | {v['relative_norm']:.3f} | {c} |")
+        rel = (
+            f"{v['relative_norm']:.3f}"
+            if v.get("relative_norm") is not None
+            else " / ".join(f"{h['relative_norm']:.3f}" for h in v.get("hooks", {}).values()) or "-"
+        )  # a multi-layer source vector: one per layer
+        out.append(f"| {n} | {v['norm']:.3g} | {rel} | {c} |")
     dg = vec.get("diagnostics") or {}
     if dg:
         f = lambda x: "-" if x != x else f"{x:.3f}"  # noqa: E731

@@ -438,6 +438,8 @@ def run_experiment(
 
 
 def _layers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
+    if spec.source.layers:  # a multi-layer source: the layers read side by side
+        return {"src_layer": list(spec.source.layers), "tgt_layer": spec.target.layer, "searched": False}
     if spec.source.layer is not None and spec.target.layer is not None:
         return {"src_layer": spec.source.layer, "tgt_layer": spec.target.layer, "searched": False}
     from xferlens.evaluation import layer_pair_scores
@@ -719,10 +721,19 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         "mapper": spec.mapper.use,
         "cosine_transferred_native": cos["transferred"],
         "cosine_to_native": cos,
-        "vectors": {n: {"norm": v.norm(), "relative_norm": v.relative_norm()} for n, v in vecs.items()},
+        "vectors": {n: _norms(v) for n, v in vecs.items()},
         "diagnostics": diagnostics,
         "diagnostics_carried": by_map,
     }
+
+
+def _norms(v) -> dict:
+    """A vector's norm and norm over the layer's typical activation norm; for a multi-layer
+    source vector, of its directions side by side, and each hook's."""
+    if len(v.hooks) == 1:
+        return {"norm": v.norm(), "relative_norm": v.relative_norm()}
+    per = {h: {"norm": v.norm(h), "relative_norm": v.relative_norm(h)} for h in v.hooks}
+    return {"norm": v.norm("+".join(v.hooks)), "relative_norm": None, "hooks": per}
 
 
 def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
@@ -731,6 +742,7 @@ def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
     are any, else the vector's own (held out from a ``fit_on: last`` map); ``None`` for a
     content map, which saw the vector's prompts."""
     from xferlens.activations import paired_activations
+    from xferlens.activations.hooks import split_hook
 
     trig = _trigger_positions(spec)
     if trig is not None:  # an organism map saw every training prompt: read held-out ones
@@ -747,8 +759,8 @@ def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
     fmt = tgt if spec.mapper.fit_format == "target" else src
     texts = _chat(fmt, spec, prompts)
     where = trig["rows"] if trig is not None else "last"
-    pairs = paired_activations(
-        src, tgt, texts, mapper.src_hook, mapper.tgt_hook, positions=where, progress=progress
+    pairs = paired_activations(  # a multi-layer map reads its source hooks side by side
+        src, tgt, texts, split_hook(mapper.src_hook), mapper.tgt_hook, positions=where, progress=progress
     )
     pairs.meta["which"] = which
     pairs.meta["where"] = "trigger tokens" if trig is not None else "last token"

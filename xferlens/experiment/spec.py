@@ -45,6 +45,11 @@ class ModelSpec:
     model: str
     #: residual layer (``blocks.{layer}.hook_resid_post``); ``None``: chosen by the layer search
     layer: int | None = None
+    #: source only, instead of ``layer``: several layers read side by side (e.g. ``[14, 15,
+    #: 16]``): the map's input is their residual streams concatenated and the source vector
+    #: is built at each (``xferlens.activations.paired_activations`` with a list). Needs
+    #: ``target.layer`` (the layer search scores single layers). Empty: one layer
+    layers: list[int] = field(default_factory=list)
     #: weights and activations: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16
     #: where the device computes it natively -- CUDA, or a CPU with AMX / AVX512-BF16 --
     #: else float32; see ``xferlens.models.native_bfloat16``)
@@ -209,6 +214,8 @@ class ExperimentSpec:
                 d[role].pop("dtype")
             if not d[role]["organism"]:  # ... and organisms existed
                 d[role].pop("organism")
+            if not d[role]["layers"]:  # ... and multi-layer sources existed
+                d[role].pop("layers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -380,7 +387,10 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
                     f"search.{'src' if role == 'source' else 'tgt'}_layers: {layer} is not a layer of "
                     f"{m.model} (valid 0..{n - 1})"
                 )
-    if spec.search.texts == 0 and (spec.source.layer is None or spec.target.layer is None):
+    _check_source_layers(spec, depths[0])
+    if spec.search.texts == 0 and (
+        (spec.source.layer is None and not spec.source.layers) or spec.target.layer is None
+    ):
         raise SpecError("search.texts is 0 (no layer search): set source.layer and target.layer")
     if spec.search.method not in ("cka", "ridge"):
         raise SpecError(f"search.method: {spec.search.method!r}; valid: 'cka', 'ridge'")
@@ -652,6 +662,35 @@ def _check_organism_task(spec: "ExperimentSpec") -> None:
         )
     if v.filter_by_behaviour:
         raise SpecError(f"vector.filter_by_behaviour is for refusal; remove it for task {task!r}")
+
+
+def _check_source_layers(spec: ExperimentSpec, depth: int | None) -> None:
+    """``source.layers``: two or more increasing layers of the source, instead of
+    ``source.layer``, with ``target.layer`` set; ``target.layers`` is not built."""
+    ls = spec.source.layers
+    if spec.target.layers:
+        raise SpecError(
+            f"target.layers: {spec.target.layers}; a map into several target layers is not built, "
+            "give target.layer"
+        )
+    if not ls:
+        return
+    if spec.source.layer is not None:
+        raise SpecError(
+            f"source.layer ({spec.source.layer}) and source.layers ({ls}) are both set; give one "
+            "(source.layers: the layers read side by side)"
+        )
+    if len(ls) < 2 or any(b <= a for a, b in zip(ls, ls[1:], strict=False)):
+        raise SpecError(f"source.layers: {ls}; give two or more increasing layers (one layer: source.layer)")
+    for layer in ls:
+        if depth is not None and not 0 <= layer < depth:
+            raise SpecError(
+                f"source.layers: {layer} is not a layer of {spec.source.model} (valid 0..{depth - 1})"
+            )
+    if spec.target.layer is None:
+        raise SpecError(
+            f"source.layers: {ls} needs target.layer (the layer search scores single layers); set it"
+        )
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:

@@ -249,8 +249,9 @@ class Mapper(nn.Module):
                 continue
             sides.append((label, ModelId.read(self.meta, role), model))
             d = self.d_src if role == "src" else self.d_tgt
-            hooks = len(split_hook(self.src_hook)) if role == "src" and self.src_hook else 1
-            if model.cfg.d_model * hooks != d:  # a multi-layer source reads several hooks
+            hook = self.src_hook if role == "src" else self.tgt_hook
+            hooks = len(split_hook(hook)) if hook else 1
+            if model.cfg.d_model * hooks != d:  # a multi-layer side (a joined hook) is several wide
                 widths.append(
                     f"{label} d_model: mapper expects {d // hooks}"
                     + (f" at each of {hooks} hooks" if hooks > 1 else "")
