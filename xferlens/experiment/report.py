@@ -244,6 +244,12 @@ def write_report(run) -> Path:
         if spec.vector.task in ("backdoor", "capability")
         else "content tokens of corpus text and the vector's prompts"
     )
+    extra = maps.get("fit_sources") or {}
+    if extra.get("prompts"):
+        where += (
+            f", and {extra['prompts']} prompts from other sources ({', '.join(extra['sources'])}; "
+            "`mapper.fit_sources`), chat-formatted the same way"
+        )
     out += [
         "## Mappers",
         "",

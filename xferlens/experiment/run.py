@@ -277,7 +277,7 @@ def _prompt_sets(spec: ExperimentSpec) -> dict[str, list[str]]:
     if m.fit_on == "last":
         taken = {t for xs in sets.values() for t in xs}
         for name in m.fit_sources:
-            pool = data.fit_source_prompts(name, max_chars=spec.corpus_chars, seed=spec.seed + 2)
+            pool = data.fit_source_prompts(name, max_chars=spec.corpus_chars or 1200, seed=spec.seed + 2)
             fresh = [t for t in pool if t not in taken][: m.fit_prompts]
             if len(fresh) < m.fit_prompts:
                 raise SpecError(
@@ -381,6 +381,8 @@ def run_experiment(
     """
     validate(spec)
     mdl = _Models(spec, models)  # checks given models' depths before anything is written
+    sets = _prompt_sets(spec)  # too few prompts is named before the folder is written
+    held_out = set(sets["eval"])
     folder = Path(folder) if folder is not None else Path("runs") / spec.name
     spread = xd.active()  # under torchrun: every rank runs this, on a shared filesystem
     fs = _Folder.shared(folder, spec, overwrite) if spread else _Folder(folder, spec, overwrite)
@@ -389,8 +391,6 @@ def run_experiment(
     say = (log if xd.is_main() else None) or (lambda s: None)
     progress = progress and xd.is_main()
     torch.manual_seed(spec.seed)
-    sets = _prompt_sets(spec)
-    held_out = set(sets["eval"])
 
     for step in STEPS:
         done = xd.broadcast_object(fs.done(step)) if spread else fs.done(step)  # rank 0 decides
@@ -502,7 +502,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         texts += _chat(src, spec, sets["positive"] + sets["negative"])
         where = positions.content()
     if xd.active():
-        return _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress)
+        return _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress, len(sets["fit_extra"]))
     pairs = paired_activations(src, tgt, texts, ls, lt, positions=where, progress=progress)
     (folder / "mappers").mkdir(exist_ok=True)
     save_file(
@@ -512,6 +512,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
         "rows": len(pairs),
         "texts": len(texts),
         "fit_on": spec.mapper.fit_on,
+        "fit_sources": {"sources": spec.mapper.fit_sources, "prompts": len(sets["fit_extra"])},
         "coverage": getattr(pairs, "coverage", None),
         "kinds": {},
     }
@@ -528,7 +529,7 @@ def _mappers(spec, folder, mdl, results, sets, held_out, progress) -> dict:
     return out
 
 
-def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress) -> dict:
+def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress, n_extra) -> dict:
     """The ``mappers`` step under torchrun: every rank pairs its share of ``texts`` into
     shared shards, and the fits all-reduce; rank 0 writes the maps and the source rows."""
     from safetensors.torch import save_file
@@ -544,6 +545,7 @@ def _mappers_split(spec, folder, src, tgt, texts, ls, lt, where, progress) -> di
         "rows": len(pairs),
         "texts": len(texts),
         "fit_on": spec.mapper.fit_on,
+        "fit_sources": {"sources": spec.mapper.fit_sources, "prompts": n_extra},
         "coverage": pairs.coverage,
         "kinds": {},
         "ranks": xd.world_size(),

@@ -90,10 +90,12 @@ class MapperSpec:
     #: ``fit_on: last``: chat template the fit prompts are formatted with (``target`` or ``source``)
     fit_format: str = "target"
     #: ``fit_on: last``: more sources whose chat-formatted prompts the map is also fitted on
-    #: (last token, ``fit_prompts`` from each, disjoint from every task set; see
+    #: (last token, ``fit_prompts`` from each -- also for ``task: custom``, whose own fit
+    #: prompts are ``vector.fit_prompts`` -- never a prompt of the task's sets; see
     #: ``xferlens.data.fit_source_prompts``): ``chat`` (long ShareGPT requests), ``books``
-    #: (novel passages as the user's message), cut to ``corpus_chars``. Empty: the task's
-    #: prompts alone
+    #: (novel passages as the user's message), cut to ``corpus_chars`` (0: to 1,200).
+    #: Measured: they lowered the refusal dose on both pairs (RESULTS), so empty -- the
+    #: task's prompts alone -- is the default
     fit_sources: list[str] = field(default_factory=list)
     #: ``fit_on: content``: corpus texts the map is fitted on (the vector's prompts are added)
     fit_texts: int = 120
@@ -426,9 +428,24 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
                 f"mapper.fit_sources[{i}]: {name!r} must be one of {', '.join(map(repr, FIT_SOURCES))}, "
                 "each once"
             )
+    if m.fit_sources and spec.vector.task in ("backdoor", "capability"):
+        raise SpecError(
+            f"mapper.fit_sources: {m.fit_sources} adds last-token rows, and a {spec.vector.task!r} map is "
+            "fitted on content tokens (its vector lives at the trigger tokens); remove mapper.fit_sources"
+        )
     if m.fit_sources and m.fit_on != "last":
         raise SpecError(
             f"mapper.fit_sources: {m.fit_sources} adds last-token rows; set mapper.fit_on: last or remove it"
+        )
+    if m.fit_sources and m.fit_prompts < 1:
+        raise SpecError(
+            f"mapper.fit_prompts: {m.fit_prompts}, so mapper.fit_sources {m.fit_sources} adds nothing; "
+            "set mapper.fit_prompts (the prompts taken from each source) or remove mapper.fit_sources"
+        )
+    if spec.source.layers and spec.search.src_layers is not None:
+        raise SpecError(
+            f"search.src_layers: {spec.search.src_layers} is never scored: source.layers "
+            f"{spec.source.layers} fixes the source; remove search.src_layers"
         )
     if m.fit_on == "content" and m.fit_texts < 1:
         raise SpecError(f"mapper.fit_texts: {m.fit_texts}; need at least 1 with fit_on: content")
