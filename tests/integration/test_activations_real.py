@@ -101,5 +101,7 @@ def test_prompt_sets_have_provenance_and_disjoint_splits():
         extra = data.fit_source_prompts(name, 500, max_chars=300)
         assert len(extra) == 500 and extra.license and not set(extra.texts) & pool
         assert max(len(t) for t in extra.texts) <= 300
+    short = data.fit_source_prompts("chat", max_chars=150)  # a cut below the harmless pool's 200
+    assert len(short) > 500 and not set(short.texts) & pool
     with pytest.raises(ValueError, match="'wiki': no such source"):
         data.fit_source_prompts("wiki")
