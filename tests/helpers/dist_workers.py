@@ -33,6 +33,7 @@ import torch
 #: hooks / layers used by every job (the tiny models have 3 layers)
 HOOKS = [1, 2]
 SRC_LAYER, TGT_LAYER = 1, 2
+MULTI_LAYERS = [0, 2]  # source layers read side by side
 FIT_KINDS = ("affine", "orthogonal", "lowrank", "autoencoder")
 #: small and fast: a couple of epochs at most, a fixed ridge grid
 FIT_CONFIGS = {
@@ -103,6 +104,20 @@ def job_fit(args: dict) -> None:
         }
         if xd.is_main():
             save_file(state, out / f"{kind}.safetensors")
+    # a multi-layer source (the runner's source.layers under torchrun): shards of joined rows
+    from xferlens.activations.pair_shards import pairs_to_disk
+
+    multi = pairs_to_disk(
+        src, tgt, args["texts"], MULTI_LAYERS, TGT_LAYER, out / "pairs_multi", dtype="float32",
+        chunk_texts=args["chunk_texts"], shard_rows=args["shard_rows"], batch_size=1, progress=False,
+    )  # fmt: skip
+    mapper, _ = fit_mapper(multi, "affine", FIT_CONFIGS["affine"], progress=False)
+    seen["multi"] = {"rows": len(multi), "src_hook": mapper.src_hook, "d_src": mapper.d_src}
+    if xd.is_main():
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in mapper.state_dict().items()},
+            out / "multi.safetensors",
+        )
     if args.get("spec"):
         seen["runner"] = run_spec(args, out / "run")
     seen["library"] = split_and_alone(args, src, tgt, maps["affine"])

@@ -181,6 +181,31 @@ def test_distributed_linear_maps_equal_the_single_process_maps(two_ranks, one_pr
         assert v == pytest.approx(mapper.meta["training"][k], rel=1e-9), k
 
 
+def test_a_multi_layer_source_pairs_and_fits_on_two_ranks_as_in_one_process(two_ranks, job_args):
+    """``pairs_to_disk`` with several source layers (what ``source.layers`` runs under
+    torchrun): the joined rows and the affine map fitted on them equal one process's."""
+    from xferlens.activations import paired_activations
+
+    _, out = two_ranks
+    seen = [json.loads((out / f"rank{r}.json").read_text())["multi"] for r in (0, 1)]
+    assert seen[0] == seen[1]
+    src, tgt = W.load_pair(job_args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pairs = paired_activations(
+            src, tgt, job_args["texts"], W.MULTI_LAYERS, W.TGT_LAYER, batch_size=1, progress=False
+        )
+        want, _ = fit_mapper(pairs, "affine", W.FIT_CONFIGS["affine"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0]["rows"] == len(pairs) and seen[0]["d_src"] == 2 * src.cfg.d_model
+    assert seen[0]["src_hook"] == want.src_hook == "blocks.0.hook_resid_post+blocks.2.hook_resid_post"
+    got = load_file(out / "multi.safetensors")
+    for k, v in want.state_dict().items():
+        assert rel_diff(got[k], v) <= 1e-6, k
+
+
 def test_every_rank_ends_with_the_same_maps(two_ranks):
     _, out = two_ranks
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
