@@ -244,10 +244,11 @@ def write_report(run) -> Path:
         if spec.vector.task in ("backdoor", "capability")
         else "content tokens of corpus text and the vector's prompts"
     )
-    extra = maps.get("fit_sources") or {}
-    if extra.get("prompts"):
+    extra = maps.get("fit_sources") or {"sources": spec.mapper.fit_sources}  # older records: the spec
+    if extra.get("sources"):
+        n = f"{extra['prompts']} " if "prompts" in extra else ""
         where += (
-            f", and {extra['prompts']} prompts from other sources ({', '.join(extra['sources'])}; "
+            f", and {n}prompts from other sources ({', '.join(extra['sources'])}; "
             "`mapper.fit_sources`), chat-formatted the same way"
         )
     out += [
