@@ -103,8 +103,8 @@ def main() -> None:
     }
     alphas = " / ".join(f"{a:g}" for a in spec.evaluation.alphas)
     lines = [
-        f"| vector | norm | norm / sigma | share of norm^2 on the 4 widest dims | dose [95 % CI] (n = {len(prompts)}) "
-        f"| per alpha {alphas} |",
+        "| vector | norm | norm / sigma | share of norm^2 on the 4 widest dims "
+        f"| dose [95 % CI] (n = {len(prompts)}) | per alpha {alphas} |",
         "|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
