@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--texts", type=int, default=64, help="corpus texts for the layer's spread")
+    ap.add_argument("--judge-prompts", type=int, default=0, help="judge the shaped randoms' replies too")
+    ap.add_argument("--judge-alphas", type=float, nargs="+", default=[2.0, 4.0])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     spec = load_spec(args.run / "spec.yaml")
@@ -83,6 +85,21 @@ def main() -> None:
         positions=trig["add"] if trig is not None else "all", batch_size=spec.evaluation.batch_size,
         progress=True,
     )  # fmt: skip
+    judged = None
+    if args.judge_prompts:  # the run's confirmation judged native / transferred / random on these
+        from xferlens.evaluation import evaluate_steering
+
+        shaped = {k: v for k, v in vecs.items() if k.startswith("random, layer-shaped")}
+        e = spec.evaluation
+        rep = evaluate_steering(
+            tgt, prompts[: args.judge_prompts], shaped, alphas=args.judge_alphas, mode="add",
+            positions=trig["add"] if trig is not None else "all", judge=e.judge,
+            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=spec.seed,
+            random_control=False, progress=True,
+        )  # fmt: skip
+        judged = [{k: v for k, v in row.items() if k != "completions"} for row in rep.to_dict()["rows"]]
+        for row in judged:
+            print(row)
     seconds = time.perf_counter() - t0
     summary = r.score_summary(spec, dr)
     for label, v in vecs.items():
@@ -138,6 +155,7 @@ def main() -> None:
                     "max": float(sigma.max()),
                 },
                 "rows": rows,
+                "judged": judged,
                 "n": len(prompts),
                 "seconds": seconds,
                 "markdown": "\n".join(lines),
