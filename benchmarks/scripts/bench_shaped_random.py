@@ -1,7 +1,7 @@
 """A random control shaped like the layer (issue 22 follow-up): on a finished run, score
-random directions whose per-dimension spread follows the target layer's own (``sigma * z``,
-``sigma`` the per-dimension standard deviation of the layer over content tokens of corpus
-text the run never steered) and whose norm in that metric equals native's
+random directions shaped like the target layer (``xferlens.evaluation.shaped_random_like``:
+``sigma * z``, ``sigma`` the layer's per-dimension standard deviation over content tokens of
+corpus text the run never steered, ``layer_spread``) with native's norm in that metric
 (``|v / sigma| = |native / sigma|``), beside the run's native, transferred and isotropic
 random vectors, on the run's own held-out prompts and alphas.
 
@@ -23,32 +23,9 @@ import torch
 
 import xferlens.experiment.run as r
 from xferlens import data
-from xferlens.activations import cache_activations, positions
 from xferlens.evaluation.score import dose_response
-from xferlens.evaluation.steering import random_like
+from xferlens.evaluation.steering import layer_spread, random_like, shaped_random_like
 from xferlens.experiment import load_spec
-from xferlens.steering import SteeringVector
-
-
-def layer_spread(model, layer: int, texts: list[str]) -> torch.Tensor:
-    """Per-dimension standard deviation of ``blocks.{layer}.hook_resid_post`` over the
-    content tokens of ``texts``."""
-    acts = cache_activations(model, texts, layer, positions=positions.content(), progress=False)
-    rows = acts.rows(acts.hooks[0]).float()
-    return rows.std(dim=0).clamp_min(1e-6)
-
-
-def shaped_random(native: SteeringVector, sigma: torch.Tensor, seed: int) -> SteeringVector:
-    """``sigma * z`` scaled so that ``|v / sigma| == |native / sigma|`` (one hook)."""
-    (hook, n), *rest = native.directions.items()
-    if rest:
-        raise ValueError("one-hook vectors only")
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n.shape[0], generator=g)
-    target = float((n.float().cpu() / sigma).norm())
-    v = sigma * z * (target / float(z.norm()))
-    recipe = {"method": "random, layer-shaped", "seed": seed, "metric_norm": target}
-    return SteeringVector({hook: v.to(n.dtype)}, dict(native.model), recipe, dict(native.act_norm))
 
 
 def main() -> None:
@@ -77,7 +54,7 @@ def main() -> None:
         d = v.direction().float().cpu()
         rows[label] = {"norm": float(d.norm()), "metric_norm": float((d / sigma).norm())}
     for s in args.seeds:
-        vecs[f"random, layer-shaped (seed {s})"] = shaped_random(native, sigma, s)
+        vecs[f"random, layer-shaped (seed {s})"] = shaped_random_like(native, sigma, s)
     trig = r._trigger_positions(spec)
     prompts = r._chat(tgt, spec, sets["eval"])
     dr = dose_response(

@@ -538,3 +538,38 @@ def test_row_scales_match_numpy_and_spread_recalibration_uses_them():
     del m.meta["training"]["src_spread"]
     with pytest.raises(ValueError, match="refit"):
         transfer(v, m, recalibrate="spread")
+
+
+def test_layer_spread_and_a_shaped_random_control_match_a_hand_computation(tiny_tl):
+    """``layer_spread`` is the per-dimension std of the layer over content tokens (a hand
+    ``run_with_cache`` loop: special tokens and the first text token left out); ``shaped_random_like`` is ``sigma * z`` with native's norm in
+    the ``1 / sigma`` metric, seeded, and refuses what it cannot shape."""
+    from xferlens.evaluation import layer_spread, shaped_random_like
+
+    model = tiny_tl("llama")
+    texts = ["the cat sat on the mat by the door", "rain fell over the quiet town all night"]
+    sigma = layer_spread(model, 1, texts)
+    rows = []
+    for t in texts:
+        toks = model.to_tokens(t)
+        _, cache = model.run_with_cache(toks, names_filter="blocks.1.hook_resid_post")
+        keep = [i for i, tok in enumerate(toks[0].tolist()) if tok not in model.tokenizer.all_special_ids]
+        keep = keep[1:]  # content(): the first text token (an attention sink) is left out
+        rows.append(cache["blocks.1.hook_resid_post"][0, keep].float())
+    want = torch.cat(rows).std(dim=0)
+    torch.testing.assert_close(sigma, want, rtol=1e-4, atol=1e-6)
+    native = diff_of_means(model, texts[:1], texts[1:], 1)
+    a, b = shaped_random_like(native, sigma, 3), shaped_random_like(native, sigma, 3)
+    v, n = a.direction().float(), native.direction().float()
+    assert torch.equal(v, b.direction())  # seeded
+    assert float((v / sigma).norm()) == pytest.approx(float((n / sigma).norm()), rel=1e-5)
+    z = v / sigma  # the Gaussian draw, up to one scale
+    g = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(z / z.norm(), (r := torch.randn(v.shape[0], generator=g)) / r.norm())
+    assert not torch.equal(v, shaped_random_like(native, sigma, 4).direction())
+    with pytest.raises(ValueError, match="sigma must be"):
+        shaped_random_like(native, sigma[:-1], 0)
+    with pytest.raises(ValueError, match="sigma must be"):
+        shaped_random_like(native, torch.zeros_like(sigma), 0)
+    with pytest.raises(ValueError, match="non-empty list of texts"):
+        layer_spread(model, 1, [])

@@ -118,6 +118,49 @@ def random_like(vector: SteeringVector, seed: int = 0) -> SteeringVector:
     )
 
 
+def layer_spread(
+    model: HookedTransformer, layer: int | str, texts: Sequence[str], *, progress: bool = False
+) -> torch.Tensor:
+    """Per-dimension standard deviation of ``layer`` (a residual layer number or a hook
+    name) over the content tokens of ``texts``: the layer's own scale, for
+    :func:`shaped_random_like`. Float32 on the CPU; floored at 1e-6."""
+    from xferlens.activations import cache_activations, positions
+
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("layer_spread needs a non-empty list of texts")
+    acts = cache_activations(model, list(texts), layer, positions=positions.content(), progress=progress)
+    rows = acts.rows(acts.hooks[0]).float()
+    if len(rows) < 2:
+        raise ValueError(
+            f"layer_spread: {len(rows)} content token(s) in {len(texts)} texts; give longer texts"
+        )
+    return rows.std(dim=0).clamp_min(1e-6).cpu()
+
+
+def shaped_random_like(vector: SteeringVector, sigma: torch.Tensor, seed: int = 0) -> SteeringVector:
+    """A random direction shaped like the layer: ``sigma * z`` (``z`` Gaussian), scaled so
+    that its norm in the layer's metric equals ``vector``'s, ``|v / sigma| == |vector /
+    sigma|`` (``sigma`` from :func:`layer_spread`). A control for a vector of ``vector``'s
+    size measured against the layer's own variation, where :func:`random_like` copies the
+    Euclidean norm (in a layer with a few very wide dimensions that is a much larger push
+    along the narrow ones). One-hook vectors."""
+    if len(vector.hooks) != 1:
+        raise ValueError(f"shaped_random_like takes a one-hook vector; this one has {vector.hooks}")
+    n = vector.direction().float().cpu()
+    sigma = sigma.float().cpu()
+    if sigma.shape != n.shape or not torch.isfinite(sigma).all() or bool((sigma <= 0).any()):
+        raise ValueError(
+            f"sigma must be {tuple(n.shape)}, finite and > 0 (got shape {tuple(sigma.shape)}); "
+            "compute it with layer_spread(model, layer, texts)"
+        )
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n.shape[0], generator=g)
+    size = float((n / sigma).norm())
+    v = sigma * z * (size / float(z.norm()))
+    recipe = {"method": "random, layer-shaped", "seed": seed, "metric_norm": size}
+    return SteeringVector({vector.hook: v}, dict(vector.model), recipe, dict(vector.act_norm))
+
+
 @dataclass
 class SteeringReport:
     """Hit rates (and perplexities) per condition; ``to_markdown()``, ``to_frame()``, ``plot()``,
