@@ -542,8 +542,9 @@ def test_row_scales_match_numpy_and_spread_recalibration_uses_them():
 
 def test_layer_spread_and_a_shaped_random_control_match_a_hand_computation(tiny_tl):
     """``layer_spread`` is the per-dimension std of the layer over content tokens (a hand
-    ``run_with_cache`` loop: special tokens and the first text token left out); ``shaped_random_like`` is ``sigma * z`` with native's norm in
-    the ``1 / sigma`` metric, seeded, and refuses what it cannot shape."""
+    ``run_with_cache`` loop: special tokens and the first text token left out);
+    ``shaped_random_like`` is ``sigma * z`` with native's norm in the ``1 / sigma`` metric,
+    seeded, and refuses what it cannot shape."""
     from xferlens.evaluation import layer_spread, shaped_random_like
 
     model = tiny_tl("llama")
