@@ -308,6 +308,43 @@ def test_a_multi_layer_source_runs_end_to_end_and_fits_the_map_the_library_fits(
         )
 
 
+def test_shaped_random_controls_are_scored_beside_the_isotropic_one(pair, tmp_path):
+    """``evaluation.shaped_random``: seeded layer-shaped random directions (native's norm in
+    the layer's metric, sigma over the run's ``spread`` corpus texts) scored as conditions;
+    the scored direction is the library's ``shaped_random_like`` by hand."""
+    from xferlens.evaluation import layer_spread, shaped_random_like
+    from xferlens.experiment.spec import SPREAD_TEXTS
+    from xferlens.steering import load_steering_vector
+
+    corpus = CORPUS + [f"the river ran past the mill, page {i}." for i in range(SPREAD_TEXTS)]
+    d = tiny_spec(
+        name="shaped",
+        search={"texts": 0},
+        source={"layer": 1},
+        target={"layer": 1},
+        mapper={"kinds": ["affine"], "report_texts": 2},
+        evaluation={"confirm_alphas": [], "confirm_prompts": 0, "ppl_texts": 0, "shaped_random": 2},
+        corpus=corpus,
+    )
+    spec = spec_from_dict(d)
+    folder = tmp_path / "shaped"
+    run = run_experiment(spec, folder, models=pair, progress=False, log=None)
+    doses = run.results["scores"]["doses"]
+    assert {"random", run_mod.shaped_label(0), run_mod.shaped_label(1)} <= set(doses)
+    _, tgt = pair
+    texts = run_mod._corpus(spec, "spread", SPREAD_TEXTS, set(spec.vector.eval_prompts))
+    start = spec.search.texts + spec.mapper.fit_texts + spec.mapper.report_texts + spec.evaluation.ppl_texts
+    assert texts == [t[: spec.corpus_chars] for t in corpus[start : start + SPREAD_TEXTS]]  # no other step's
+    native = load_steering_vector(folder / "vectors" / "native", tgt)
+    want = shaped_random_like(native, layer_spread(tgt, 1, texts), 1)
+    got = run_mod._shaped_randoms(spec, run.results, tgt, native, set())[run_mod.shaped_label(1)]
+    torch.testing.assert_close(got.direction(), want.direction())
+    with pytest.raises(SpecError, match=f"\\+ {SPREAD_TEXTS} for evaluation.shaped_random"):
+        spec_from_dict({**d, "corpus": CORPUS[:20]})
+    with pytest.raises(SpecError, match="evaluation.shaped_random: -1"):
+        spec_from_dict({**d, "evaluation": {**d["evaluation"], "shaped_random": -1}})
+
+
 def test_fit_sources_add_their_prompts_last_tokens_to_the_fit(pair, tmp_path, monkeypatch):
     """``mapper.fit_sources``: ``mapper.fit_prompts`` prompts from each source join the fit
     rows (one last-token row each), never a prompt of the task's sets; the fingerprint
@@ -442,6 +479,7 @@ def test_float32_specs_keep_their_fingerprint_and_dtype_changes_it():
         d[role].pop("layers")  # nor before multi-layer sources
     d["mapper"].pop("carry")  # nor before mapper.carry
     d["mapper"].pop("fit_sources")  # nor before mapper.fit_sources
+    d["evaluation"].pop("shaped_random")  # nor before evaluation.shaped_random
     assert spec.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     carried = dataclasses.replace(
         spec, mapper=dataclasses.replace(spec.mapper, kinds=["affine", "orthogonal"], carry=["orthogonal"])

@@ -49,7 +49,7 @@ from transformer_lens import HookedTransformer
 
 from xferlens import distributed as xd
 from xferlens.errors import XferlensError
-from xferlens.experiment.spec import ExperimentSpec, SpecError, save_spec, validate
+from xferlens.experiment.spec import SPREAD_TEXTS, ExperimentSpec, SpecError, save_spec, validate
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ SPLIT_STEPS = ("layers", "mappers", "report_cards", "scores", "confirmation")
 
 # slices of the default corpus each use draws from, kept apart so nothing is scored on
 # the text it was fitted on
-CORPUS = {"search": 0, "fit": 2000, "report": 5000, "ppl": 6000}
+CORPUS = {"search": 0, "fit": 2000, "report": 5000, "ppl": 6000, "spread": 7000}
 
 
 class RunFolderError(XferlensError, RuntimeError):
@@ -348,6 +348,7 @@ def _corpus(spec: ExperimentSpec, part: str, n: int, exclude: set[str] = frozens
             "fit": spec.mapper.fit_texts,
             "report": spec.mapper.report_texts,
             "ppl": spec.evaluation.ppl_texts,
+            "spread": SPREAD_TEXTS if spec.evaluation.shaped_random else 0,
         }
         start = sum(sizes[p] for p in list(sizes)[: list(sizes).index(part)])
         texts = [t for t in spec.corpus[start : start + n] if t not in exclude]
@@ -808,6 +809,24 @@ def _target_vectors(spec, folder, tgt) -> dict:
     }
 
 
+def shaped_label(seed: int) -> str:
+    return f"random, layer-shaped (seed {seed})"
+
+
+def _shaped_randoms(spec, results, tgt, native, held_out) -> dict:
+    """``evaluation.shaped_random`` seeds of ``shaped_random_like(native, sigma)``, ``sigma``
+    the target layer's spread over the ``spread`` corpus texts (deterministic: every rank and
+    every rerun draws the same)."""
+    n = spec.evaluation.shaped_random
+    if not n:
+        return {}
+    from xferlens.evaluation import layer_spread, shaped_random_like
+
+    texts = _corpus(spec, "spread", SPREAD_TEXTS, held_out)
+    sigma = layer_spread(tgt, results["layers"]["tgt_layer"], texts)
+    return {shaped_label(spec.seed + k): shaped_random_like(native, sigma, spec.seed + k) for k in range(n)}
+
+
 def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict | None:
     """Under torchrun every rank scores its contiguous share of the prompts (each prompt's
     score does not depend on the others) and rank 0 joins them in prompt order."""
@@ -816,6 +835,7 @@ def _scores(spec, folder, mdl, results, sets, held_out, progress) -> dict | None
     src, tgt = _both_models(mdl)
     e = spec.evaluation
     vecs = _target_vectors(spec, folder, tgt)
+    vecs.update(_shaped_randoms(spec, results, tgt, vecs["native"], held_out))
     trig = _trigger_positions(spec)
     prompts = _chat(tgt, spec, sets["eval"])
     share = xd.shard_indices(len(prompts)) if xd.active() else range(len(prompts))

@@ -34,6 +34,9 @@ from xferlens import zoo
 from xferlens.data import FIT_SOURCES
 from xferlens.errors import XferlensError
 
+#: corpus texts the layer's spread is read on for ``evaluation.shaped_random``
+SPREAD_TEXTS = 16
+
 
 class SpecError(XferlensError, ValueError):
     """A spec that cannot run; the message names the key."""
@@ -175,6 +178,13 @@ class EvalSpec:
     #: rows at a leading tag are one point repeated, so the correction there is native's
     #: own length in disguise. Resolved when the spec is validated.
     recalibrated: bool | str = "auto"
+    #: random directions shaped like the target layer, scored beside the isotropic random
+    #: control: this many seeds (0: none). Each is ``sigma * z`` with native's norm in the
+    #: layer's metric (``xferlens.evaluation.shaped_random_like``; ``sigma`` from
+    #: ``layer_spread`` over ``SPREAD_TEXTS`` corpus texts no other step reads), the control
+    #: that tells a transfer from a push when the layer has a few very wide dimensions
+    #: (Gemma; RESULTS). Scored only (not judged)
+    shaped_random: int = 0
 
 
 @dataclass
@@ -211,6 +221,8 @@ class ExperimentSpec:
         for key in ("carry", "fit_sources"):  # ... and these keys existed
             if not d["mapper"][key]:
                 d["mapper"].pop(key)
+        if not d["evaluation"]["shaped_random"]:  # ... and the shaped control
+            d["evaluation"].pop("shaped_random")
         for role in ("source", "target"):  # older specs keep the fingerprint they had before
             if d[role]["dtype"] == "float32":  # dtype ...
                 d[role].pop("dtype")
@@ -461,6 +473,7 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
             "vector.twin_prompts": spec.vector.twin_prompts,
             "evaluation.confirm_prompts": spec.evaluation.confirm_prompts,
             "evaluation.ppl_texts": spec.evaluation.ppl_texts,
+            "evaluation.shaped_random": spec.evaluation.shaped_random,
         },
         minimum=0,
     )
@@ -523,13 +536,20 @@ def validate(spec: ExperimentSpec, depths: tuple[int | None, int | None] | None 
     if spec.corpus_chars < 0:
         raise SpecError(f"corpus_chars: {spec.corpus_chars}; 0 (whole texts) or a positive number")
     if spec.corpus:
+        spread = SPREAD_TEXTS if spec.evaluation.shaped_random else 0
         need = (
-            spec.search.texts + spec.mapper.fit_texts + spec.mapper.report_texts + spec.evaluation.ppl_texts
+            spec.search.texts
+            + spec.mapper.fit_texts
+            + spec.mapper.report_texts
+            + spec.evaluation.ppl_texts
+            + spread
         )
         if len(spec.corpus) < need:
             raise SpecError(
                 f"corpus: {len(spec.corpus)} texts, but search.texts + mapper.fit_texts + "
-                f"mapper.report_texts + evaluation.ppl_texts = {need}"
+                f"mapper.report_texts + evaluation.ppl_texts"
+                + (f" + {SPREAD_TEXTS} for evaluation.shaped_random" if spread else "")
+                + f" = {need}"
             )
     e = spec.evaluation
     if e.prompts < 2:
