@@ -339,6 +339,8 @@ def test_shaped_random_controls_are_scored_beside_the_isotropic_one(pair, tmp_pa
     want = shaped_random_like(native, layer_spread(tgt, 1, texts), 1)
     got = run_mod._shaped_randoms(spec, run.results, tgt, native, set())[run_mod.shaped_label(1)]
     torch.testing.assert_close(got.direction(), want.direction())
+    head = (folder / "report.md").read_text().split("## ")[0]
+    assert "random directions shaped like the layer" in head and "seed 0, seed 1" in head
     with pytest.raises(SpecError, match=f"\\+ {SPREAD_TEXTS} for evaluation.shaped_random"):
         spec_from_dict({**d, "corpus": CORPUS[:20]})
     with pytest.raises(SpecError, match="evaluation.shaped_random: -1"):

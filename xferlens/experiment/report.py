@@ -98,6 +98,8 @@ def _peak(sc: dict, label: str) -> str:
 MIN_NATIVE_GAIN = 1.0
 #: label prefix of the vectors carried by ``mapper.carry``'s maps (``run.carried_name``)
 VIA = "transferred via "
+#: label prefix of the layer-shaped random controls (``evaluation.shaped_random``)
+SHAPED = "random, layer-shaped"
 
 
 def headline(run) -> list[str]:
@@ -131,8 +133,28 @@ def headline(run) -> list[str]:
                 "random": "a random direction of the native norm",
             }.get(lab) or f"the transfer through the `{lab[len(VIA) :]}` map"
             extra.append(f"{what}: {doses[lab]['dose']:.2f} {_ci(doses[lab]['ci'])}")
+    shaped = [lab for lab in doses if lab.startswith(SHAPED)]
+    if shaped:
+        extra.append(
+            "random directions shaped like the layer (native's norm in the layer's metric; "
+            + ", ".join(lab[len(SHAPED) :].strip(" ()") for lab in shaped)
+            + "): "
+            + " / ".join(f"{doses[lab]['dose']:.2f}" for lab in shaped)
+        )
     if extra:
         out.append("For comparison, " + "; ".join(extra) + ".")
+    r, shaped_max = doses.get("random"), max((doses[lab]["dose"] for lab in shaped), default=None)
+    if t is not None and r is not None and r["dose"] >= t["dose"] and shaped_max is not None:
+        out.append(
+            "Against the layer-shaped random directions the transfer "
+            + (
+                f"**does stand out** (their largest dose {shaped_max:.2f} vs {t['dose']:.2f}): the "
+                "behaviour gives way to pushes that are large in the layer's own metric, and the "
+                "transferred direction acts with less."
+                if shaped_max < t["dose"]
+                else f"does not stand out either (their largest dose {shaped_max:.2f})."
+            )
+        )
     sep = sc["minus_random"].get("transferred", [])
     above = [r for r in sep if r["ci"][0] > 0]
     if sep:

@@ -810,7 +810,9 @@ def _target_vectors(spec, folder, tgt) -> dict:
 
 
 def shaped_label(seed: int) -> str:
-    return f"random, layer-shaped (seed {seed})"
+    from xferlens.experiment.report import SHAPED
+
+    return f"{SHAPED} (seed {seed})"
 
 
 def _shaped_randoms(spec, results, tgt, native, held_out) -> dict:
