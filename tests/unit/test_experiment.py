@@ -323,7 +323,7 @@ def test_shaped_random_controls_are_scored_beside_the_isotropic_one(pair, tmp_pa
         source={"layer": 1},
         target={"layer": 1},
         mapper={"kinds": ["affine"], "report_texts": 2},
-        evaluation={"confirm_alphas": [], "confirm_prompts": 0, "ppl_texts": 0, "shaped_random": 2},
+        evaluation={"confirm_alphas": [8.0], "confirm_prompts": 2, "ppl_texts": 0, "shaped_random": 2},
         corpus=corpus,
     )
     spec = spec_from_dict(d)
@@ -339,6 +339,11 @@ def test_shaped_random_controls_are_scored_beside_the_isotropic_one(pair, tmp_pa
     want = shaped_random_like(native, layer_spread(tgt, 1, texts), 1)
     got = run_mod._shaped_randoms(spec, run.results, tgt, native, set())[run_mod.shaped_label(1)]
     torch.testing.assert_close(got.direction(), want.direction())
+    from xferlens.experiment.report import summary_table
+
+    table = summary_table(run)  # the shaped controls are scored, not judged: "-" in those columns
+    line = next(ln for ln in table.splitlines() if ln.startswith(run_mod.shaped_label(0)))
+    assert line.rstrip().endswith("-") and "judged @ 8" in table.splitlines()[0]
     head = (folder / "report.md").read_text().split("## ")[0]
     assert "random directions shaped like the layer" in head and "seed 0, seed 1" in head
     with pytest.raises(SpecError, match=f"\\+ {SPREAD_TEXTS} for evaluation.shaped_random"):

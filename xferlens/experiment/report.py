@@ -8,11 +8,12 @@ from xferlens.evaluation.steering import SteeringReport
 
 
 def text_table(rows: list[dict]) -> str:
-    """Plain-text table of ``rows`` (dicts with the same keys), columns padded."""
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    """Plain-text table of ``rows`` (dicts; a key missing from a row, e.g. a condition
+    scored but not judged, prints as ``-``), columns padded, in first-seen key order."""
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    lines += ["  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
 
