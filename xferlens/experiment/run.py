@@ -733,10 +733,12 @@ def _vectors(spec, folder, mdl, results, sets, held_out, progress) -> dict:
 def _norms(v) -> dict:
     """A vector's norm and norm over the layer's typical activation norm; for a multi-layer
     source vector, of its directions side by side, and each hook's."""
+    from xferlens.activations.hooks import joined_hook
+
     if len(v.hooks) == 1:
         return {"norm": v.norm(), "relative_norm": v.relative_norm()}
     per = {h: {"norm": v.norm(h), "relative_norm": v.relative_norm(h)} for h in v.hooks}
-    return {"norm": v.norm("+".join(v.hooks)), "relative_norm": None, "hooks": per}
+    return {"norm": v.norm(joined_hook(v.hooks)), "relative_norm": None, "hooks": per}
 
 
 def _held_out_pairs(spec, src, tgt, sets, mapper, progress):
